@@ -1,0 +1,124 @@
+"""The block-device interface every layer implements (after nbdkit's plugin API).
+
+protocol -> export -> Qcow2Image -> backing BlockDevice -> RawFile.
+
+Errors are ``OSError`` with an errno (EIO, ENOSPC, EPERM, EINVAL, ENOTSUP); the
+NBD layer maps the errno onto the wire.  Ranges are checked at every boundary
+with :func:`check_range`.
+"""
+
+from __future__ import annotations
+
+import abc
+import errno
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Extent:
+    """A run of bytes with one allocation status.
+
+    ``data``: the bytes are stored somewhere in the chain (NBD base:allocation
+    clears HOLE).  ``zero``: the bytes read as zero (sets ZERO).  ``depth``:
+    qemu:allocation-depth: 0 nowhere in the chain, 1 this layer, 2 its backing
+    file, and so on.
+    """
+
+    length: int
+    data: bool
+    zero: bool
+    depth: int
+
+
+@dataclass(slots=True)
+class ReadChunk:
+    """Part of a sparse read: ``data`` is None where the range reads as zeros."""
+
+    offset: int
+    length: int
+    data: bytes | bytearray | memoryview | None
+
+
+def check_range(size: int, offset: int, length: int) -> None:
+    """Raise EINVAL unless 0 <= offset and offset + length <= size."""
+    if offset < 0 or length < 0 or offset + length > size:
+        raise OSError(errno.EINVAL, f"range {offset}+{length} outside device of {size} bytes")
+
+
+class BlockDevice(abc.ABC):
+    """A byte-addressed device of ``size`` bytes.  Every I/O method is async."""
+
+    size: int
+    read_only: bool = False
+
+    # -- capabilities (nbdkit's can_*); NBD transmission flags derive from these
+    def can_write(self) -> bool:
+        return not self.read_only
+
+    def can_flush(self) -> bool:
+        return True
+
+    def can_fua(self) -> bool:
+        return self.can_write()
+
+    def can_trim(self) -> bool:
+        return False
+
+    def can_zero(self) -> bool:
+        return self.can_write()
+
+    def can_fast_zero(self) -> bool:
+        return False
+
+    def can_cache(self) -> bool:
+        return True
+
+    def can_extents(self) -> bool:
+        return True
+
+    def can_multi_conn(self) -> bool:
+        """True when one shared instance serves every connection (flush covers all)."""
+        return True
+
+    # -- I/O
+    @abc.abstractmethod
+    async def pread(self, offset: int, length: int) -> bytes | bytearray:
+        """Read ``length`` bytes at ``offset``."""
+
+    async def read_sparse(self, offset: int, length: int) -> list[ReadChunk]:
+        """Read, telling zero runs apart (for NBD structured OFFSET_HOLE replies)."""
+        return [ReadChunk(offset, length, await self.pread(offset, length))]
+
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        raise OSError(errno.EPERM, "device is read-only")
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        raise OSError(errno.ENOTSUP, "trim not supported")
+
+    async def zero(self, offset: int, length: int, *, may_trim: bool = False,
+                   fua: bool = False, fast: bool = False) -> None:
+        """Make the range read as zeros.  ``fast``: fail with ENOTSUP rather than write zeros slowly."""
+        if fast:
+            raise OSError(errno.ENOTSUP, "fast zero not supported")
+        step = 1 << 20
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(step, end - pos)
+            await self.pwrite(pos, bytes(n))
+            pos += n
+        if fua:
+            await self.flush()
+
+    async def flush(self) -> None:
+        return None
+
+    async def cache(self, offset: int, length: int) -> None:
+        """Prefetch a range (NBD_CMD_CACHE); advisory."""
+        return None
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        """Allocation status from ``offset``; may cover less than ``length`` but at least one byte."""
+        return [Extent(length, data=True, zero=False, depth=1)]
+
+    async def close(self) -> None:
+        return None
