@@ -1,0 +1,412 @@
+"""The ``nbdserve`` command line: ``serve``, ``demo`` and ``create``.
+
+Errors are one line on stderr, ``nbdserve: error: ...``; exit status 2 for bad
+usage (flags, config file), 1 for failures at run time (images, sockets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import quote
+
+from .config import (
+    ALLOCATORS, DEFAULT_PORT, FORMATS, ConfigError, ExportConfig, ServerConfig,
+    check_delays, load_config,
+)
+
+PROG = "nbdserve"
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A one-line failure; ``status`` is the exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_RUNTIME):
+        super().__init__(message)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line and exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        sub = self.prog.removeprefix(PROG).strip()
+        raise CliError(f"{sub}: {message}" if sub else message, EXIT_USAGE)
+
+
+# -- sizes and options -----------------------------------------------------------------------
+
+_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"64k"``, ``"1M"``, ``"2G"``, ``"1T"``, ``"4096"``: binary suffixes, like qemu-img."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([bBkKmMgGtT]?)\s*", text)
+    if not m:
+        raise ValueError(f"invalid size {text!r} (expected a number with an optional K/M/G/T suffix)")
+    number, suffix = m.groups()
+    value = float(number) * _SUFFIXES[suffix.lower()]
+    if value != int(value):
+        raise ValueError(f"invalid size {text!r}: not a whole number of bytes")
+    return int(value)
+
+
+def parse_delay(text: str) -> tuple[str, float]:
+    event, sep, seconds = text.partition("=")
+    if not sep or not event:
+        raise ValueError(f"--delay {text!r}: expected EVENT=SECONDS")
+    try:
+        value = float(seconds)
+    except ValueError:
+        raise ValueError(f"--delay {text!r}: {seconds!r} is not a number of seconds") from None
+    return event, value
+
+
+QCOW2_OPTIONS = ("cluster_size", "compat", "refcount_bits", "lazy_refcounts")
+
+
+def parse_create_options(texts: list[str]) -> dict[str, object]:
+    """``-o cluster_size=64k,compat=1.1,refcount_bits=16,lazy_refcounts=on`` -> create_image kwargs."""
+    opts: dict[str, object] = {}
+    for text in texts:
+        for item in filter(None, text.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"-o {item!r}: expected KEY=VALUE")
+            if key == "cluster_size":
+                size = parse_size(value)
+                if size < 512 or size > (2 << 20) or size & (size - 1):
+                    raise ValueError(f"-o cluster_size: expected a power of two from 512 to 2M, got {value}")
+                opts["cluster_size"] = size
+            elif key == "compat":
+                compat = {"0.10": "0.10", "v2": "0.10", "1.1": "1.1", "v3": "1.1"}.get(value)
+                if compat is None:
+                    raise ValueError(f"-o compat: expected 0.10 or 1.1, got {value!r}")
+                opts["compat"] = compat
+            elif key == "refcount_bits":
+                if not value.isdigit() or int(value) not in (1, 2, 4, 8, 16, 32, 64):
+                    raise ValueError(f"-o refcount_bits: expected a power of two from 1 to 64, got {value!r}")
+                opts["refcount_bits"] = int(value)
+            elif key == "lazy_refcounts":
+                if value not in ("on", "off"):
+                    raise ValueError(f"-o lazy_refcounts: expected on or off, got {value!r}")
+                opts["lazy_refcounts"] = value == "on"
+            else:
+                raise ValueError(f"-o {key}: unknown option (expected one of: {', '.join(QCOW2_OPTIONS)})")
+    return opts
+
+
+# -- URIs ---------------------------------------------------------------------------------------
+
+def export_uris(config: ServerConfig, export: ExportConfig) -> list[str]:
+    """The URIs a client uses to reach ``export``: nbd:// for TCP, nbd+unix:// for the socket."""
+    name = quote(export.name, safe="")
+    uris = []
+    if config.bind is not None:
+        host = config.bind
+        if host in ("", "0.0.0.0", "::"):
+            host = "127.0.0.1"
+        try:
+            if ipaddress.ip_address(host).version == 6:
+                host = f"[{host}]"
+        except ValueError:
+            pass  # a host name
+        uris.append(f"nbd://{host}:{config.port}/{name}")
+    if config.unix_socket is not None:
+        uris.append(f"nbd+unix:///{name}?socket={quote(config.unix_socket, safe='/')}")
+    return uris
+
+
+# -- serving ------------------------------------------------------------------------------------
+
+def _find_image_error(exc: BaseException):
+    """The ImageError or OSError inside ``exc`` (possibly an exception group), if any."""
+    from .images import ImageError
+    if isinstance(exc, (ImageError, OSError)):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _find_image_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def run(config: ServerConfig) -> int:
+    """Serve ``config`` until SIGTERM/SIGINT; print one line per URI once listening."""
+    for export in config.exports:
+        if not os.path.exists(export.image):
+            raise CliError(f"{export.image}: no such file")
+        if not os.access(export.image, os.R_OK if export.read_only else os.R_OK | os.W_OK):
+            raise CliError(f"{export.image}: permission denied")
+    try:
+        import trio
+        from .server import run_server
+    except ImportError as e:
+        raise CliError(f"the NBD server is not available in this build ({e})") from None
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_server, config)
+            for export in config.exports:
+                for uri in export_uris(config, export):
+                    print(f"{PROG}: serving {uri}", flush=True)
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        found = _find_image_error(e)
+        if found is None:
+            raise
+        if isinstance(found, OSError) and found.strerror and not str(found).startswith("/"):
+            raise CliError(f"{found.strerror}" + (f": {found.filename}" if found.filename else "")) from None
+        raise CliError(str(found)) from None
+    return 0
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    if args.config is not None:
+        if args.image is not None:
+            raise CliError("serve: give either IMAGE or --config, not both", EXIT_USAGE)
+        given = [flag for flag, value in (
+            ("-x", args.export_name), ("-b", args.bind), ("-p", args.port), ("-k", args.socket),
+            ("-r", args.read_only or None), ("-f", args.format), ("--allocator", args.allocator),
+            ("--delay", args.delay or None), ("--description", args.description)) if value is not None]
+        if given:
+            raise CliError(f"serve: {', '.join(given)} cannot be combined with --config "
+                           "(set them in the config file)", EXIT_USAGE)
+        try:
+            config = load_config(args.config)
+        except ConfigError as e:
+            raise CliError(f"{args.config}: {e}", EXIT_USAGE) from None
+        config.verbose = config.verbose or args.verbose
+        return config
+    if args.image is None:
+        raise CliError("serve: give an IMAGE to serve or --config FILE", EXIT_USAGE)
+    delays: dict[str, float] = {}
+    try:
+        for text in args.delay or []:
+            event, seconds = parse_delay(text)
+            delays[event] = seconds
+        delays = check_delays("--delay", delays)
+    except (ValueError, ConfigError) as e:
+        raise CliError(f"serve: {e}", EXIT_USAGE) from None
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise CliError(f"serve: -p: port out of range: expected 1 to 65535, got {args.port}", EXIT_USAGE)
+    export = ExportConfig(
+        name=args.export_name if args.export_name is not None else "",
+        image=os.path.abspath(args.image),
+        format=args.format,
+        read_only=args.read_only,
+        description=args.description or "",
+        allocator=args.allocator or "fixed",
+        delays=delays,
+    )
+    config = ServerConfig(exports=[export], verbose=args.verbose)
+    if args.socket is not None:
+        config.unix_socket = os.path.abspath(args.socket)
+        if args.bind is None and args.port is None:
+            config.bind = None   # qemu-nbd -k: Unix socket only
+    if args.bind is not None:
+        config.bind = args.bind
+    if args.port is not None:
+        config.port = args.port
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    return run(config_from_args(args))
+
+
+# -- demo ---------------------------------------------------------------------------------------
+
+DEMO_SIZE = 64 << 20
+
+
+def _demo_base_bytes(size: int) -> bytearray:
+    """Recognisable content: every MiB starts with a line naming it."""
+    data = bytearray(size)
+    for mib in range(size >> 20):
+        line = f"nbdserve demo base image: MiB {mib}\n".encode()
+        data[mib << 20: (mib << 20) + len(line)] = line
+    return data
+
+
+def _run_tool(argv: list[str], cwd: Path) -> None:
+    if shutil.which(argv[0]) is None:
+        raise CliError(f"demo: {argv[0]} is needed to create the demo images "
+                       "(apt-get install qemu-utils)")
+    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines() or ["failed"]
+        raise CliError(f"demo: {' '.join(argv[:2])}: {lines[-1]}")
+
+
+def make_demo_chain(folder: Path) -> None:
+    """base.qcow2 (text lines at each MiB) and top.qcow2 on top of it (0x54 'T' at 4M..4M+64k)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base, top = folder / "base.qcow2", folder / "top.qcow2"
+    if not base.exists():
+        tmp = folder / "base.tmp.raw"
+        tmp.write_bytes(_demo_base_bytes(DEMO_SIZE))
+        try:
+            _run_tool(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", tmp.name, "base.qcow2.part"], folder)
+            os.replace(folder / "base.qcow2.part", base)
+        finally:
+            tmp.unlink(missing_ok=True)
+    if not top.exists():
+        _run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                   "top.qcow2.part"], folder)
+        _run_tool(["qemu-io", "-f", "qcow2", "-c", "write -P 0x54 4M 64k", "top.qcow2.part"], folder)
+        os.replace(folder / "top.qcow2.part", top)
+
+
+def find_demo_config(explicit: str | None) -> Path:
+    if explicit is not None:
+        return Path(explicit)
+    for candidate in (Path.cwd() / "conf" / "demo.toml",
+                      Path(__file__).resolve().parent.parent / "conf" / "demo.toml"):
+        if candidate.exists():
+            return candidate
+    raise CliError("demo: conf/demo.toml not found; run from the nbdserve checkout or pass --config",
+                   EXIT_USAGE)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    path = find_demo_config(args.config)
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        raise CliError(f"{path}: {e}", EXIT_USAGE) from None
+    if args.port is not None:
+        if not 1 <= args.port <= 65535:
+            raise CliError(f"demo: --port: out of range: expected 1 to 65535, got {args.port}", EXIT_USAGE)
+        config.port = args.port
+    for folder in sorted({Path(e.image).parent for e in config.exports}):
+        make_demo_chain(folder)
+    return run(config)
+
+
+# -- create -------------------------------------------------------------------------------------
+
+def _virtual_size(path: str, fmt: str | None) -> int:
+    """A backing file's virtual size: qcow2 header bytes 24..32, else the file size."""
+    from .images import probe_format
+    with open(path, "rb") as f:
+        if (fmt or probe_format(path)) == "qcow2":
+            f.seek(24)
+            return int.from_bytes(f.read(8), "big")
+        return os.fstat(f.fileno()).st_size
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    fmt = args.format
+    try:
+        size = parse_size(args.size) if args.size is not None else None
+        opts = parse_create_options(args.options or [])
+    except ValueError as e:
+        raise CliError(f"create: {e}", EXIT_USAGE) from None
+    if args.backing_format is not None and args.backing is None:
+        raise CliError("create: -F needs -b BACKING", EXIT_USAGE)
+    if fmt == "raw":
+        if args.backing is not None:
+            raise CliError("create: raw images have no backing file (use -f qcow2)", EXIT_USAGE)
+        if opts:
+            raise CliError("create: -o options apply to qcow2 only", EXIT_USAGE)
+        if size is None:
+            raise CliError("create: SIZE is required", EXIT_USAGE)
+        try:
+            with open(args.file, "wb") as f:
+                f.truncate(size)
+        except OSError as e:
+            raise CliError(f"{args.file}: {e.strerror}") from None
+        print(f"Formatting '{args.file}', fmt=raw size={size}", flush=True)
+        return 0
+
+    backing = args.backing
+    if size is None:
+        if backing is None:
+            raise CliError("create: SIZE is required without -b BACKING", EXIT_USAGE)
+        # qemu-img resolves a relative backing name from the new image's folder.
+        resolved = os.path.join(os.path.dirname(os.path.abspath(args.file)), backing)
+        try:
+            size = _virtual_size(resolved, args.backing_format)
+        except OSError as e:
+            raise CliError(f"{resolved}: {e.strerror}") from None
+    try:
+        from .qcow2.create import create_image
+    except ImportError as e:
+        raise CliError(f"create: qcow2 creation is not available in this build ({e})") from None
+    try:
+        create_image(args.file, size, backing=backing, backing_format=args.backing_format, **opts)
+    except OSError as e:
+        raise CliError(f"{args.file}: {e.strerror or e}") from None
+    except Exception as e:  # the engine's own refusal (Qcow2Error, ValueError)
+        raise CliError(f"create: {e}") from None
+    print(f"Formatting '{args.file}', fmt=qcow2 size={size}", flush=True)
+    return 0
+
+
+# -- the parser ---------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="NBD server for qcow2 and raw images.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    s = sub.add_parser("serve", help="serve an image (or the exports of a config file) over NBD")
+    s.add_argument("image", nargs="?", metavar="IMAGE", help="the image file to serve")
+    s.add_argument("--config", metavar="FILE", help="serve the exports of this TOML file")
+    s.add_argument("-x", "--export-name", metavar="NAME", help='export name (default: "")')
+    s.add_argument("-b", "--bind", metavar="ADDR", help="TCP address to listen on (default: 127.0.0.1)")
+    s.add_argument("-p", "--port", type=int, metavar="PORT", help=f"TCP port (default: {DEFAULT_PORT})")
+    s.add_argument("-k", "--socket", metavar="SOCKET",
+                   help="listen on this Unix socket (alone: no TCP listener, like qemu-nbd)")
+    s.add_argument("-r", "--read-only", action="store_true", help="export read-only")
+    s.add_argument("-f", "--format", choices=FORMATS, help="image format (default: probed)")
+    s.add_argument("--allocator", choices=ALLOCATORS,
+                   help="qcow2 cluster allocator: fixed (default) or qemu-1.1.2 (reproduces the 2012 bug)")
+    s.add_argument("--delay", action="append", metavar="EVENT=SECONDS",
+                   help="sleep at this blkdebug event (repeatable), e.g. cow_read=0.5")
+    s.add_argument("--description", metavar="TEXT", help="export description shown to clients")
+    s.add_argument("-v", "--verbose", action="store_true", help="log connections and requests")
+    s.set_defaults(func=cmd_serve)
+
+    d = sub.add_parser("demo", help="create the demo backing chain under conf/demo/ and serve it")
+    d.add_argument("--port", "-p", type=int, metavar="PORT", help="TCP port (default: the config's)")
+    d.add_argument("--config", metavar="FILE", help="demo config (default: conf/demo.toml)")
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("create", help="create a raw or qcow2 image")
+    c.add_argument("-f", dest="format", choices=FORMATS, default="raw", help="format (default: raw)")
+    c.add_argument("-b", dest="backing", metavar="BACKING", help="backing file (qcow2)")
+    c.add_argument("-F", dest="backing_format", choices=FORMATS, metavar="FMT", help="backing file format")
+    c.add_argument("-o", dest="options", action="append", metavar="OPTIONS",
+                   help="cluster_size=N,compat=0.10|1.1,refcount_bits=N,lazy_refcounts=on|off")
+    c.add_argument("file", metavar="FILE")
+    c.add_argument("size", nargs="?", metavar="SIZE", help="size with an optional K/M/G/T suffix")
+    c.set_defaults(func=cmd_create)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except CliError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        return e.status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
