@@ -1,0 +1,200 @@
+"""The ``nbdserve`` command, run as a real subprocess and spoken to with real NBD clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import NbdserveProcess, free_port, nbdserve_command
+
+
+def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(nbdserve_command() + [str(a) for a in args], capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL, **kwargs)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert proc.returncode != 0
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("nbdserve: error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def qemu_io(uri: str, *commands: str) -> subprocess.CompletedProcess[str]:
+    argv = ["qemu-io", "-f", "raw", uri]
+    for c in commands:
+        argv += ["-c", c]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def raw_disk(tmp_path) -> Path:
+    path = tmp_path / "disk.raw"
+    path.write_bytes(b"\x00" * (3 << 20))
+    return path
+
+
+# -- serve ----------------------------------------------------------------------------------------
+
+def test_serve_raw_read_write_sigterm(nbdserve, raw_disk):
+    port = free_port()
+    proc = nbdserve("serve", "-f", "raw", "-x", "disk", "-p", port, raw_disk)
+    assert proc.uris == [f"nbd://127.0.0.1:{port}/disk"]
+
+    io = qemu_io(proc.uri, "write -P 0xab 0 64k", "read -P 0xab 0 64k", "read -P 0 64k 64k")
+    assert io.returncode == 0, io.stderr
+    assert "Pattern verification failed" not in io.stdout
+
+    info = subprocess.run(["nbdinfo", "--json", proc.uri], capture_output=True, text=True, timeout=60)
+    assert info.returncode == 0, info.stderr
+    exports = json.loads(info.stdout)["exports"]
+    assert exports[0]["export-size"] == 3 << 20
+
+    assert proc.stop() == 0
+    # the write reached the file
+    data = raw_disk.read_bytes()
+    assert data[: 64 << 10] == b"\xab" * (64 << 10)
+    assert data[64 << 10:] == bytes((3 << 20) - (64 << 10))
+
+
+def test_serve_default_export_name_is_empty(nbdserve, raw_disk):
+    port = free_port()
+    proc = nbdserve("serve", "-f", "raw", "-p", port, raw_disk)
+    assert proc.uris == [f"nbd://127.0.0.1:{port}/"]
+    info = subprocess.run(["nbdinfo", "--json", proc.uri], capture_output=True, text=True, timeout=60)
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["exports"][0]["export-size"] == 3 << 20
+
+
+def test_serve_read_only_refuses_writes(nbdserve, raw_disk):
+    proc = nbdserve("serve", "-r", "-f", "raw", "-x", "ro", raw_disk)
+    io = qemu_io(proc.uri, "write -P 0xcd 0 4k")
+    assert "Pattern" not in io.stdout
+    assert io.returncode != 0 or "write failed" in (io.stdout + io.stderr)
+    assert raw_disk.read_bytes()[:4096] == bytes(4096)
+
+
+def test_serve_unix_socket(nbdserve, raw_disk, tmp_path):
+    sock = tmp_path / "nbd.sock"
+    proc = nbdserve("serve", "-f", "raw", "-x", "u", "-k", sock, raw_disk)
+    assert proc.uris == [f"nbd+unix:///u?socket={sock}"]
+    io = qemu_io(proc.uri, "write -P 0x11 1M 4k", "read -P 0x11 1M 4k")
+    assert io.returncode == 0 and "Pattern verification failed" not in io.stdout, io.stdout + io.stderr
+
+
+def test_serve_config_file(nbdserve, tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.raw").write_bytes(bytes(1 << 20))
+    (tmp_path / "img" / "b.raw").write_bytes(bytes(2 << 20))
+    port = free_port()
+    conf = tmp_path / "srv.toml"
+    conf.write_text(f'[server]\nport = {port}\n'
+                    '[[export]]\nname = "a"\nimage = "img/a.raw"\nformat = "raw"\n'
+                    '[[export]]\nname = "b"\nimage = "img/b.raw"\nformat = "raw"\nread_only = true\n')
+    proc = nbdserve("serve", "--config", conf, expected_uris=2)
+    assert proc.uris == [f"nbd://127.0.0.1:{port}/a", f"nbd://127.0.0.1:{port}/b"]
+    sizes = []
+    for uri in proc.uris:
+        info = subprocess.run(["nbdinfo", "--json", uri], capture_output=True, text=True, timeout=60)
+        assert info.returncode == 0, info.stderr
+        sizes.append(json.loads(info.stdout)["exports"][0]["export-size"])
+    assert sizes == [1 << 20, 2 << 20]
+
+
+def test_sigint_exits_zero(raw_disk):
+    proc = NbdserveProcess("serve", "-f", "raw", "-p", str(free_port()), str(raw_disk)).start()
+    assert proc.stop(signal.SIGINT) == 0, proc.stderr
+
+
+# -- refusals ----------------------------------------------------------------------------------
+
+def test_missing_image(tmp_path):
+    missing = tmp_path / "absent.raw"
+    proc = run_cli("serve", "-p", free_port(), missing)
+    assert proc.returncode == 1
+    assert_one_line_error(proc, str(missing), "no such file")
+
+
+def test_bad_config(tmp_path):
+    (tmp_path / "a.raw").write_bytes(bytes(4096))
+    conf = tmp_path / "bad.toml"
+    conf.write_text('[[export]]\nname = "a"\nimage = "a.raw"\nallocator = "foo"\n')
+    proc = run_cli("serve", "--config", conf)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, str(conf), 'export[0].allocator: expected "fixed" or "qemu-1.1.2", got "foo"')
+
+
+def test_missing_config(tmp_path):
+    proc = run_cli("serve", "--config", tmp_path / "absent.toml")
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "absent.toml", "No such file")
+
+
+def test_config_missing_image_file(tmp_path):
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[server]\nport = {free_port()}\n[[export]]\nimage = "gone.qcow2"\n')
+    proc = run_cli("serve", "--config", conf)
+    assert proc.returncode == 1
+    assert_one_line_error(proc, str(tmp_path / "gone.qcow2"))
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["serve"], "IMAGE"),
+    (["serve", "a.raw", "--config", "c.toml"], "not both"),
+    (["serve", "--config", "c.toml", "-x", "n"], "-x"),
+    (["serve", "-f", "vmdk", "a.raw"], "vmdk"),
+    (["serve", "--allocator", "foo", "a.raw"], "foo"),
+    (["serve", "--delay", "cow_read", "a.raw"], "EVENT=SECONDS"),
+    (["serve", "--delay", "cow_read=-1", "a.raw"], "--delay.cow_read"),
+    (["serve", "-p", "70000", "a.raw"], "70000"),
+    (["serve", "--bogus", "a.raw"], "--bogus"),
+    (["create", "-f", "raw", "x.raw", "12Q"], "12Q"),
+    (["create", "-f", "raw", "-b", "base.raw", "x.raw", "1M"], "backing"),
+    (["create", "-f", "raw", "x.raw"], "SIZE"),
+    (["create", "-f", "qcow2", "-o", "cluster_size=3000", "x.qcow2", "1M"], "cluster_size"),
+    (["create", "-f", "qcow2", "-o", "compat=2", "x.qcow2", "1M"], "compat"),
+    (["create", "-f", "qcow2", "-o", "nope=1", "x.qcow2", "1M"], "nope"),
+    ([], "COMMAND"),
+])
+def test_usage_errors(tmp_path, args, fragment):
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, fragment)
+    assert not (tmp_path / "x.raw").exists()
+
+
+# -- create raw ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size, expected", [
+    ("4096", 4096), ("64k", 64 << 10), ("64K", 64 << 10), ("3M", 3 << 20), ("1.5M", 3 << 19),
+    ("2G", 2 << 30), ("1T", 1 << 40),
+])
+def test_create_raw(tmp_path, size, expected):
+    path = tmp_path / "new.raw"
+    proc = run_cli("create", "-f", "raw", path, size)
+    assert proc.returncode == 0, proc.stderr
+    assert os.path.getsize(path) == expected
+    if expected <= 3 << 20:
+        assert path.read_bytes() == bytes(expected)
+
+
+def test_create_raw_overwrites(tmp_path):
+    path = tmp_path / "new.raw"
+    path.write_bytes(b"\xff" * 8192)
+    assert run_cli("create", "-f", "raw", path, "4k").returncode == 0
+    assert path.read_bytes() == bytes(4096)
+
+
+def test_create_raw_is_served(nbdserve, tmp_path):
+    path = tmp_path / "made.raw"
+    assert run_cli("create", "-f", "raw", path, "2M").returncode == 0
+    proc = nbdserve("serve", "-f", "raw", "-x", "m", path)
+    info = subprocess.run(["nbdinfo", "--json", proc.uri], capture_output=True, text=True, timeout=60)
+    assert json.loads(info.stdout)["exports"][0]["export-size"] == 2 << 20
