@@ -1,0 +1,220 @@
+"""The sans-IO NBD server connection (after h11's Connection): bytes in, events out.
+
+    conn = ServerConnection(catalog)
+    sock.send(conn.data_to_send())              # the greeting
+    conn.receive_data(sock.recv())              # b"" means EOF
+    event = conn.next_event()                   # an event or NEED_DATA
+    sock.send(conn.data_to_send())              # option replies, during haggling
+    sock.send(conn.send(SimpleReply(...)))      # replies, during transmission
+"""
+
+from __future__ import annotations
+
+from . import wire
+from ._state import EOF_IS_CLEAN, TRANSMISSION, State, StateMachine, Trigger
+from .constants import (IHAVEOPT, REQUEST_MAGIC, ClientFlag, Command, CommandFlag, Errno, HandshakeFlag,
+                        Option)
+from .errors import LocalProtocolError, ProtocolError
+from .events import NEED_DATA, Disconnect, Negotiated, Request
+from .exports import ExportCatalog, ExportInfo
+from .options import Negotiation, OptionOutcome
+from .replies import ReplyEncoder
+from .requests import check_request
+
+MAX_OPTION_LENGTH = 64 * 1024
+SERVER_HANDSHAKE_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+
+
+class ServerConnection:
+    def __init__(self, catalog: ExportCatalog, *, max_option_length: int = MAX_OPTION_LENGTH):
+        self._machine = StateMachine()
+        self._negotiation = Negotiation(catalog)
+        self._max_option_length = max_option_length
+        self._buffer = bytearray()
+        self._eof = False
+        self._outgoing = bytearray(wire.Greeting.build(dict(handshake_flags=SERVER_HANDSHAKE_FLAGS)))
+        self._option = 0                 # option whose data is due or being discarded
+        self._pending = 0                # bytes of that data / of a write payload
+        self._write: tuple | None = None  # (cookie, flags, offset, length) of a write awaiting data
+        self._closed: Disconnect | None = None
+        self._error = ""
+        self.export: ExportInfo | None = None
+        self.negotiated: Negotiated | None = None
+        self.replies: ReplyEncoder | None = None
+
+    # -- introspection
+    @property
+    def state(self) -> State:
+        return self._machine.state
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received and not yet consumed (bounded; see MAX_OPTION_LENGTH)."""
+        return len(self._buffer)
+
+    # -- input
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if self._eof:
+            raise LocalProtocolError("receive_data after EOF")
+        if not data:
+            self._eof = True
+        elif self.state != State.CLOSED:   # proto.md: nothing may follow NBD_CMD_DISC; ignore it
+            self._buffer += data
+
+    def next_event(self):
+        if self.state == State.ERROR:
+            raise ProtocolError(self._error)
+        try:
+            while True:
+                result = self._READERS[self.state](self)
+                if result is not None:
+                    return result
+        except ProtocolError as e:
+            self._error = str(e)
+            self._machine.fire(Trigger.PROTOCOL_ERROR)
+            raise
+
+    # -- output
+    def data_to_send(self) -> bytes:
+        """Handshake bytes queued so far (greeting, option replies)."""
+        out = bytes(self._outgoing)
+        self._outgoing.clear()
+        return out
+
+    def send(self, event) -> bytes:
+        """Encode a reply event (transmission phase only)."""
+        if self.replies is None or self.state not in TRANSMISSION:
+            raise LocalProtocolError(f"cannot send {type(event).__name__} in state {self.state.name}")
+        return self.replies.encode(event)
+
+    # -- readers, one per state
+    def _need(self, count: int):
+        """NEED_DATA, or the end of the session if the peer has closed."""
+        if not self._eof:
+            return NEED_DATA
+        if self.state in EOF_IS_CLEAN and not self._buffer:
+            return self._close("eof")
+        raise ProtocolError(f"connection closed with {count - len(self._buffer)} more bytes due")
+
+    def _take(self, count: int) -> bytes:
+        with memoryview(self._buffer) as view, view[:count] as part:
+            data = bytes(part)
+        del self._buffer[:count]
+        return data
+
+    def _discard(self) -> bool:
+        """Drop up to ``_pending`` buffered bytes; True when all are gone."""
+        n = min(self._pending, len(self._buffer))
+        del self._buffer[:n]
+        self._pending -= n
+        return self._pending == 0
+
+    def _close(self, reason: str) -> Disconnect:
+        self._closed = Disconnect(reason)
+        self._machine.fire(Trigger.CLOSE)
+        return self._closed
+
+    def _read_client_flags(self):
+        if len(self._buffer) < 4:
+            return self._need(4)
+        flags = int.from_bytes(self._take(4), "big")
+        unknown = flags & ~int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES)
+        if unknown:   # proto.md: "Client flags": the server MUST drop the connection
+            raise ProtocolError(f"unknown client flags {unknown:#x}")
+        self._negotiation.client_flags = ClientFlag(flags)
+        self._machine.fire(Trigger.FLAGS_OK)
+
+    def _read_option_header(self):
+        if len(self._buffer) < wire.OPTION_REQUEST_HEADER.size:
+            return self._need(wire.OPTION_REQUEST_HEADER.size)
+        magic, option, length = wire.OPTION_REQUEST_HEADER.unpack(self._take(wire.OPTION_REQUEST_HEADER.size))
+        if magic != IHAVEOPT:
+            raise ProtocolError(f"bad option magic {magic:#x}")
+        self._option, self._pending = option, length
+        if length <= self._max_option_length:
+            self._machine.fire(Trigger.OPTION_HEADER)
+        elif option == Option.EXPORT_NAME:   # cannot be answered with an error
+            raise ProtocolError(f"NBD_OPT_EXPORT_NAME of {length} bytes")
+        else:
+            self._machine.fire(Trigger.OPTION_TOO_BIG)
+
+    def _discard_option(self):
+        if not self._discard():
+            return self._need(self._pending)
+        self._outgoing += self._negotiation.too_big(self._option)
+        self._machine.fire(Trigger.OPTION_DONE)
+
+    def _read_option_payload(self):
+        if len(self._buffer) < self._pending:
+            return self._need(self._pending)
+        outcome: OptionOutcome = self._negotiation.handle(self._option, self._take(self._pending))
+        self._outgoing += outcome.replies
+        if outcome.close is not None:
+            return self._close(outcome.close)
+        if outcome.go is None:
+            self._machine.fire(Trigger.OPTION_DONE)
+            return None
+        return self._enter_transmission(outcome.go)
+
+    def _enter_transmission(self, export: ExportInfo) -> Negotiated:
+        n = self._negotiation
+        self.export = export
+        self.negotiated = Negotiated(export=export, flags=n.export_flags(export),
+                                     structured_replies=n.structured_replies,
+                                     meta_contexts=dict(n.meta_contexts), options=tuple(n.options_seen))
+        self.replies = ReplyEncoder(n.structured_replies)
+        self._machine.fire(Trigger.GO)
+        return self.negotiated
+
+    def _read_request_header(self):
+        size = wire.REQUEST_HEADER.size
+        if len(self._buffer) < size:
+            return self._need(size)
+        magic, flags, command, cookie, offset, length = wire.REQUEST_HEADER.unpack(self._take(size))
+        if magic != REQUEST_MAGIC:
+            raise ProtocolError(f"bad request magic {magic:#x}")
+        if command == Command.DISC:
+            return self._close("disc")
+        error, reason = check_request(self.export, self.negotiated.flags, bool(self.negotiated.meta_contexts),
+                                      command, flags, offset, length)
+        if command == Command.WRITE:
+            if error == Errno.OK:
+                self._write, self._pending = (cookie, flags, offset, length), length
+                self._machine.fire(Trigger.WRITE_HEADER)
+                return None
+            self._pending = length   # proto.md: reply with the error, drop the data unbuffered
+            self._machine.fire(Trigger.WRITE_REFUSED)
+        else:
+            self._machine.fire(Trigger.REQUEST_DONE)
+        command = Command(command) if command in Command._value2member_map_ else command
+        self.replies.expect(cookie, command, length)
+        return Request(cookie, command, CommandFlag(flags), offset, length, None, error, reason)
+
+    def _read_write_payload(self):
+        if len(self._buffer) < self._pending:
+            return self._need(self._pending)
+        cookie, flags, offset, length = self._write
+        data = self._take(length)
+        self._write, self._pending = None, 0
+        self._machine.fire(Trigger.REQUEST_DONE)
+        self.replies.expect(cookie, Command.WRITE, length)
+        return Request(cookie, Command.WRITE, CommandFlag(flags), offset, length, data)
+
+    def _discard_write(self):
+        if not self._discard():
+            return self._need(self._pending)
+        self._machine.fire(Trigger.REQUEST_DONE)
+
+    def _read_closed(self):
+        return self._closed
+
+    _READERS = {
+        State.AWAIT_CLIENT_FLAGS: _read_client_flags,
+        State.AWAIT_OPTION: _read_option_header,
+        State.OPTION_PAYLOAD: _read_option_payload,
+        State.OPTION_DISCARD: _discard_option,
+        State.AWAIT_REQUEST: _read_request_header,
+        State.WRITE_PAYLOAD: _read_write_payload,
+        State.WRITE_DISCARD: _discard_write,
+        State.CLOSED: _read_closed,
+    }

@@ -1,0 +1,105 @@
+"""Events the core emits (client to us) and the reply events the app sends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .constants import Command, CommandFlag, Errno
+from .exports import ExportInfo
+
+
+class _NeedData:
+    def __repr__(self):
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+"""Sentinel from ``next_event``: feed more bytes with ``receive_data``."""
+
+
+# -- events from the client
+
+@dataclass(frozen=True)
+class Negotiated:
+    """Option haggling is over: transmission starts on ``export``."""
+
+    export: ExportInfo
+    flags: int                       # transmission flags as sent to the client
+    structured_replies: bool
+    meta_contexts: dict[int, str]    # selected context id -> name
+    options: tuple[str, ...]         # option names seen, in order (for logging)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One transmission request.  ``error`` nonzero: the app must reply with that
+    error without touching the device (the core has discarded any payload)."""
+
+    cookie: int
+    command: Command | int
+    flags: CommandFlag
+    offset: int
+    length: int
+    data: bytes | None = None        # the payload of a valid NBD_CMD_WRITE
+    error: Errno = Errno.OK
+    reason: str = ""                 # why ``error`` was set, for the error message
+
+
+@dataclass(frozen=True)
+class Disconnect:
+    """The session ends: "disc" (NBD_CMD_DISC), "abort" (NBD_OPT_ABORT), "eof"
+    (the peer closed at a message boundary), or "unknown export" (EXPORT_NAME).
+    Send ``data_to_send()`` first, then close."""
+
+    reason: str
+
+
+# -- replies, for ``ServerConnection.send``
+
+@dataclass(frozen=True)
+class SimpleReply:
+    cookie: int
+    error: Errno | int = Errno.OK
+    data: bytes | bytearray | memoryview = b""
+
+
+@dataclass(frozen=True)
+class OffsetData:
+    cookie: int
+    offset: int
+    data: bytes | bytearray | memoryview
+    done: bool = False
+
+
+@dataclass(frozen=True)
+class OffsetHole:
+    cookie: int
+    offset: int
+    length: int
+    done: bool = False
+
+
+@dataclass(frozen=True)
+class BlockStatus:
+    cookie: int
+    context_id: int
+    descriptors: list[tuple[int, int]] = field(default_factory=list)   # (length, flags)
+    done: bool = False
+
+
+@dataclass(frozen=True)
+class ErrorChunk:
+    """NBD_REPLY_TYPE_ERROR, or ERROR_OFFSET when ``offset`` is given."""
+
+    cookie: int
+    error: Errno | int
+    message: str = ""
+    offset: int | None = None
+    done: bool = True
+
+
+@dataclass(frozen=True)
+class NoneChunk:
+    """NBD_REPLY_TYPE_NONE: always the final chunk."""
+
+    cookie: int

@@ -1,0 +1,103 @@
+"""Encoding of transmission replies, checked against the requests in flight
+(proto.md: "Simple reply message", "Structured reply chunk message")."""
+
+from __future__ import annotations
+
+from . import wire
+from .constants import (MAX_STRING, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, ChunkType, Command,
+                        ReplyFlag)
+from .errors import LocalProtocolError
+from .events import BlockStatus, ErrorChunk, NoneChunk, OffsetData, OffsetHole, SimpleReply
+
+_SIMPLE = wire.SIMPLE_REPLY_HEADER
+_CHUNK = wire.CHUNK_HEADER
+_OFFSET = wire.OFFSET_DATA_PREFIX
+_DESCRIPTOR = wire.DESCRIPTOR
+
+
+class ReplyEncoder:
+    def __init__(self, structured: bool):
+        self.structured = structured
+        self._in_flight: dict[int, list[tuple[int, int]]] = {}   # cookie -> [(command, length)]
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(v) for v in self._in_flight.values())
+
+    def expect(self, cookie: int, command: int, length: int) -> None:
+        self._in_flight.setdefault(cookie, []).append((command, length))
+
+    def _request(self, cookie: int) -> tuple[int, int]:
+        pending = self._in_flight.get(cookie)
+        if not pending:
+            raise LocalProtocolError(f"cookie {cookie:#x} is not in flight")
+        return pending[0]
+
+    def _finish(self, cookie: int) -> None:
+        pending = self._in_flight[cookie]
+        pending.pop(0)
+        if not pending:
+            del self._in_flight[cookie]
+
+    def encode(self, event) -> bytes:
+        command, length = self._request(event.cookie)
+        if isinstance(event, SimpleReply):
+            return self._simple(event, command, length)
+        if not self.structured:
+            raise LocalProtocolError("structured replies were not negotiated")
+        encoder = _CHUNK_ENCODERS.get(type(event))
+        if encoder is None:
+            raise LocalProtocolError(f"not a reply event: {event!r}")
+        chunk_type, payload, done = encoder(event, command)
+        if done:
+            self._finish(event.cookie)
+        header = _CHUNK.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE if done else 0, chunk_type,
+                             event.cookie, len(payload))
+        return header + payload
+
+    def _simple(self, event: SimpleReply, command: int, length: int) -> bytes:
+        if self.structured and command == Command.READ:
+            raise LocalProtocolError("NBD_CMD_READ needs a structured reply")   # proto.md: MUST NOT
+        if event.data and (command != Command.READ or event.error):
+            raise LocalProtocolError("only a successful NBD_CMD_READ carries data")
+        if command == Command.READ and not event.error and len(event.data) != length:
+            raise LocalProtocolError(f"read reply of {len(event.data)} bytes for {length} requested")
+        self._finish(event.cookie)
+        return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, event.error, event.cookie) + event.data
+
+
+def _offset_data(event: OffsetData, command):
+    if command != Command.READ or not event.data:
+        raise LocalProtocolError("OFFSET_DATA needs a READ and at least one byte")
+    return ChunkType.OFFSET_DATA, _OFFSET.pack(event.offset) + event.data, event.done
+
+
+def _offset_hole(event: OffsetHole, command):
+    if command != Command.READ or event.length <= 0:
+        raise LocalProtocolError("OFFSET_HOLE needs a READ and a nonzero length")
+    return ChunkType.OFFSET_HOLE, wire.OffsetHole.build(dict(offset=event.offset, size=event.length)), event.done
+
+
+def _block_status(event: BlockStatus, command):
+    if command != Command.BLOCK_STATUS or not event.descriptors:
+        raise LocalProtocolError("BLOCK_STATUS needs a BLOCK_STATUS request and a descriptor")
+    payload = event.context_id.to_bytes(4, "big") + b"".join(_DESCRIPTOR.pack(n, f) for n, f in event.descriptors)
+    return ChunkType.BLOCK_STATUS, payload, event.done
+
+
+def _error(event: ErrorChunk, command):
+    if not event.error:
+        raise LocalProtocolError("an error chunk needs a nonzero error")
+    message = event.message.encode()[:MAX_STRING].decode(errors="ignore")
+    if event.offset is None:
+        return ChunkType.ERROR, wire.ErrorPayload.build(dict(error=event.error, message=message)), event.done
+    payload = wire.ErrorOffsetPayload.build(dict(error=event.error, message=message, offset=event.offset))
+    return ChunkType.ERROR_OFFSET, payload, event.done
+
+
+def _none(event: NoneChunk, command):
+    return ChunkType.NONE, b"", True
+
+
+_CHUNK_ENCODERS = {OffsetData: _offset_data, OffsetHole: _offset_hole, BlockStatus: _block_status,
+                   ErrorChunk: _error, NoneChunk: _none}

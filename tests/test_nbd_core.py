@@ -1,0 +1,427 @@
+"""Byte-level tests of the sans-IO protocol core.  Client bytes are built here
+with ``struct`` straight from proto.md, independently of nbdserve.nbd.wire."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nbdserve.nbd import (NEED_DATA, BlockStatus, Disconnect, ErrorChunk, ExportCatalog, ExportInfo,
+                          LocalProtocolError, Negotiated, NoneChunk, OffsetData, OffsetHole, ProtocolError,
+                          Request, ServerConnection, SimpleReply, TransmissionFlag as TF)
+
+NBDMAGIC, IHAVEOPT, REPLY_MAGIC = 0x4E42444D41474943, 0x49484156454F5054, 0x3E889045565A9
+REQ_MAGIC, SIMPLE_MAGIC, CHUNK_MAGIC = 0x25609513, 0x67446698, 0x668E33EF
+OPT = dict(EXPORT_NAME=1, ABORT=2, LIST=3, STARTTLS=5, INFO=6, GO=7, STRUCTURED_REPLY=8,
+           LIST_META_CONTEXT=9, SET_META_CONTEXT=10, EXTENDED_HEADERS=11)
+ACK, SERVER, INFO, META = 1, 2, 3, 4
+ERR = dict(UNSUP=2**31 + 1, INVALID=2**31 + 3, UNKNOWN=2**31 + 6, TOO_BIG=2**31 + 9)
+EINVAL, EPERM, ENOSPC, EOVERFLOW = 22, 1, 28, 75
+READ, WRITE, DISC, FLUSH, TRIM, CACHE, WZ, BS = range(8)
+
+RW_FLAGS = (TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_FUA | TF.SEND_TRIM | TF.SEND_WRITE_ZEROES | TF.SEND_DF
+            | TF.CAN_MULTI_CONN | TF.SEND_CACHE | TF.SEND_FAST_ZERO)
+DISK = ExportInfo("disk", 1 << 20, RW_FLAGS, description="a test disk", max_block=65536)
+RO = ExportInfo("ro", 4096, TF.HAS_FLAGS | TF.READ_ONLY | TF.SEND_FLUSH, meta_contexts=())
+CATALOG = ExportCatalog([DISK, RO])
+
+
+# -- client-side byte builders (proto.md)
+def option(opt: int, data: bytes = b"") -> bytes:
+    return struct.pack(">QII", IHAVEOPT, opt, len(data)) + data
+
+
+def info_payload(name: str, *infos: int) -> bytes:
+    n = name.encode()
+    return struct.pack(">I", len(n)) + n + struct.pack(">H", len(infos)) + b"".join(struct.pack(">H", i) for i in infos)
+
+
+def meta_payload(name: str, *queries: str) -> bytes:
+    n = name.encode()
+    out = struct.pack(">I", len(n)) + n + struct.pack(">I", len(queries))
+    for q in queries:
+        out += struct.pack(">I", len(q.encode())) + q.encode()
+    return out
+
+
+def request(cmd: int, offset: int = 0, length: int = 0, flags: int = 0, cookie: int = 7, data: bytes = b"") -> bytes:
+    return struct.pack(">IHHQQI", REQ_MAGIC, flags, cmd, cookie, offset, length) + data
+
+
+def parse_option_replies(data: bytes) -> list[tuple[int, int, bytes]]:
+    out = []
+    while data:
+        magic, opt, rtype, length = struct.unpack(">QIII", data[:20])
+        assert magic == REPLY_MAGIC
+        out.append((opt, rtype, data[20:20 + length]))
+        data = data[20 + length:]
+    return out
+
+
+def feed(conn: ServerConnection, data: bytes, bytewise: bool = True) -> list:
+    """Feed ``data`` (one byte at a time by default), collecting every event."""
+    events = []
+    pieces = [data[i:i + 1] for i in range(len(data))] if bytewise else [data][:len(data)]
+    for piece in pieces:
+        conn.receive_data(piece)
+        while (event := conn.next_event()) is not NEED_DATA:
+            events.append(event)
+            if isinstance(event, Disconnect):
+                return events
+    return events
+
+
+def handshake(flags: int = 3) -> ServerConnection:
+    conn = ServerConnection(CATALOG)
+    assert conn.data_to_send() == struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 3)
+    assert feed(conn, struct.pack(">I", flags)) == []
+    return conn
+
+
+def negotiate(structured=True, contexts=("base:allocation",), export="disk") -> tuple[ServerConnection, Negotiated]:
+    conn = handshake()
+    data = b""
+    if structured:
+        data += option(OPT["STRUCTURED_REPLY"])
+    if contexts:
+        data += option(OPT["SET_META_CONTEXT"], meta_payload(export, *contexts))
+    events = feed(conn, data + option(OPT["GO"], info_payload(export)))
+    assert len(events) == 1 and isinstance(events[0], Negotiated)
+    conn.data_to_send()
+    return conn, events[0]
+
+
+# -- handshake
+def test_greeting_and_client_flags():
+    handshake(1)
+    handshake(0)
+
+
+@pytest.mark.parametrize("flags", [4, 0x80000000, 0xFFFFFFFF])
+def test_unknown_client_flags_close(flags):
+    conn = ServerConnection(CATALOG)
+    with pytest.raises(ProtocolError):
+        feed(conn, struct.pack(">I", flags))
+    with pytest.raises(ProtocolError):   # stays broken
+        conn.next_event()
+
+
+def test_export_name_with_and_without_zeroes():
+    for client_flags, tail in ((3, b""), (1, bytes(124))):
+        conn = handshake(client_flags)
+        events = feed(conn, option(OPT["EXPORT_NAME"], b"disk"))
+        assert isinstance(events[0], Negotiated) and events[0].export.name == "disk"
+        assert not events[0].structured_replies
+        expected_flags = int(RW_FLAGS & ~TF.SEND_DF)   # DF only with structured replies
+        assert conn.data_to_send() == struct.pack(">QH", 1 << 20, expected_flags) + tail
+
+
+def test_export_name_empty_is_default_export():
+    conn = handshake()
+    events = feed(conn, option(OPT["EXPORT_NAME"], b""))
+    assert events[0].export.name == "disk"
+
+
+def test_export_name_unknown_closes():
+    conn = handshake()
+    events = feed(conn, option(OPT["EXPORT_NAME"], b"nope"))
+    assert isinstance(events[0], Disconnect) and "unknown export" in events[0].reason
+    assert conn.data_to_send() == b""
+    assert isinstance(conn.next_event(), Disconnect)
+
+
+def test_abort_acks_and_disconnects():
+    conn = handshake()
+    events = feed(conn, option(OPT["ABORT"]))
+    assert events == [Disconnect("abort")]
+    assert parse_option_replies(conn.data_to_send()) == [(OPT["ABORT"], ACK, b"")]
+
+
+def test_list():
+    conn = handshake()
+    assert feed(conn, option(OPT["LIST"])) == []
+    replies = parse_option_replies(conn.data_to_send())
+    assert replies == [(3, SERVER, struct.pack(">I", 4) + b"disk" + b"a test disk"),
+                       (3, SERVER, struct.pack(">I", 2) + b"ro"), (3, ACK, b"")]
+    feed(conn, option(OPT["LIST"], b"x"))
+    assert [r[1] for r in parse_option_replies(conn.data_to_send())] == [ERR["INVALID"]]
+
+
+@pytest.mark.parametrize("opt", ["INFO", "GO"])
+def test_info_and_go_honour_requests(opt):
+    conn = handshake()
+    events = feed(conn, option(OPT[opt], info_payload("disk", 1, 2, 3)))
+    replies = parse_option_replies(conn.data_to_send())
+    infos = {struct.unpack(">H", d[:2])[0]: d[2:] for o, t, d in replies if t == INFO}
+    assert replies[-1] == (OPT[opt], ACK, b"")
+    assert infos[0] == struct.pack(">QH", 1 << 20, int(RW_FLAGS & ~TF.SEND_DF))
+    assert infos[1] == b"disk" and infos[2] == b"a test disk"
+    assert infos[3] == struct.pack(">III", 1, 4096, 65536)
+    if opt == "GO":
+        assert isinstance(events[0], Negotiated)
+    else:
+        assert events == []
+        # not requested: no NAME/DESCRIPTION
+        feed(conn, option(OPT["INFO"], info_payload("disk")))
+        types = {struct.unpack(">H", d[:2])[0] for o, t, d in parse_option_replies(conn.data_to_send()) if t == INFO}
+        assert types == {0, 3}
+
+
+def test_go_unknown_export_and_malformed():
+    conn = handshake()
+    feed(conn, option(OPT["GO"], info_payload("nope")))
+    assert [r[1] for r in parse_option_replies(conn.data_to_send())] == [ERR["UNKNOWN"]]
+    for bad in (b"", b"\0\0\0\x09disk\0\0", info_payload("disk", 3) + b"x", b"\0\0\0\x04disk\0\x05\0\x01"):
+        feed(conn, option(OPT["GO"], bad))
+        assert [r[1] for r in parse_option_replies(conn.data_to_send())] == [ERR["INVALID"]]
+    events = feed(conn, option(OPT["GO"], info_payload("ro")))   # still usable
+    assert events[0].export.name == "ro"
+
+
+def test_structured_reply_option():
+    conn = handshake()
+    feed(conn, option(OPT["STRUCTURED_REPLY"], b"x"))
+    assert parse_option_replies(conn.data_to_send())[0][1] == ERR["INVALID"]
+    feed(conn, option(OPT["STRUCTURED_REPLY"]))
+    assert parse_option_replies(conn.data_to_send()) == [(8, ACK, b"")]
+    events = feed(conn, option(OPT["GO"], info_payload("disk")))
+    assert events[0].structured_replies and events[0].flags & TF.SEND_DF
+
+
+@pytest.mark.parametrize("name", ["STARTTLS", "EXTENDED_HEADERS"])
+def test_unsupported_options(name):
+    conn = handshake()
+    feed(conn, option(OPT[name]) + option(0xDEAD, b"abc"))
+    assert parse_option_replies(conn.data_to_send()) == [(OPT[name], ERR["UNSUP"], (
+        f"option {name} not supported".encode())), (0xDEAD, ERR["UNSUP"], b"option OPTION_57005 not supported")]
+
+
+def meta_replies(conn) -> list:
+    return [(t, d[4:].decode() if t == META else d) for o, t, d in parse_option_replies(conn.data_to_send())]
+
+
+def test_list_meta_context_queries():
+    conn = handshake()
+    feed(conn, option(OPT["LIST_META_CONTEXT"], meta_payload("disk")))
+    assert meta_replies(conn) == [(META, "base:allocation"), (META, "qemu:allocation-depth"), (ACK, b"")]
+    feed(conn, option(OPT["LIST_META_CONTEXT"], meta_payload("disk", "base:")))
+    assert meta_replies(conn) == [(META, "base:allocation"), (ACK, b"")]
+    feed(conn, option(OPT["LIST_META_CONTEXT"], meta_payload("disk", "qemu:", "x-foo:bar", "nocolon")))
+    assert meta_replies(conn) == [(META, "qemu:allocation-depth"), (ACK, b"")]
+    feed(conn, option(OPT["LIST_META_CONTEXT"], meta_payload("ro")))
+    assert meta_replies(conn) == [(ACK, b"")]
+    feed(conn, option(OPT["LIST_META_CONTEXT"], meta_payload("nope")))
+    assert meta_replies(conn)[0][0] == ERR["UNKNOWN"]
+    feed(conn, option(OPT["LIST_META_CONTEXT"], meta_payload("disk")[:-1] + b"\0\0\0\x01"))
+    assert meta_replies(conn)[0][0] == ERR["INVALID"]
+
+
+def test_set_meta_context():
+    conn = handshake()
+    feed(conn, option(OPT["SET_META_CONTEXT"], meta_payload("disk", "base:allocation")))
+    assert meta_replies(conn)[0][0] == ERR["INVALID"]   # structured replies first
+    feed(conn, option(OPT["STRUCTURED_REPLY"]))
+    conn.data_to_send()
+    feed(conn, option(OPT["SET_META_CONTEXT"], meta_payload("disk", "base:", "qemu:allocation-depth",
+                                                            "base:allocation", "base:nothing")))
+    replies = parse_option_replies(conn.data_to_send())
+    ids = {d[4:].decode(): struct.unpack(">I", d[:4])[0] for o, t, d in replies if t == META}
+    assert set(ids) == {"qemu:allocation-depth", "base:allocation"} and len(set(ids.values())) == 2
+    events = feed(conn, option(OPT["GO"], info_payload("disk")))
+    assert {v: k for k, v in events[0].meta_contexts.items()} == ids
+
+
+def test_meta_contexts_dropped_when_go_names_another_export():
+    conn = handshake()
+    feed(conn, option(OPT["STRUCTURED_REPLY"]) + option(OPT["SET_META_CONTEXT"], meta_payload("disk", "base:allocation")))
+    events = feed(conn, option(OPT["GO"], info_payload("ro")))
+    assert events[0].meta_contexts == {}
+
+
+def test_oversized_option_is_discarded_without_buffering():
+    conn = handshake()
+    big = 10 * 1024 * 1024
+    conn.receive_data(struct.pack(">QII", IHAVEOPT, OPT["GO"], big))
+    assert conn.next_event() is NEED_DATA
+    chunk = bytes(65536)
+    for _ in range(big // len(chunk)):
+        conn.receive_data(chunk)
+        assert conn.next_event() is NEED_DATA
+        assert conn.buffered_bytes == 0
+    conn.receive_data(option(OPT["LIST"]))
+    assert conn.next_event() is NEED_DATA
+    assert [r[1] for r in parse_option_replies(conn.data_to_send())] == [ERR["TOO_BIG"], SERVER, SERVER, ACK]
+
+
+def test_oversized_export_name_closes():
+    conn = handshake()
+    conn.receive_data(struct.pack(">QII", IHAVEOPT, OPT["EXPORT_NAME"], 1 << 30))
+    with pytest.raises(ProtocolError):
+        conn.next_event()
+
+
+def test_bad_option_magic():
+    conn = handshake()
+    with pytest.raises(ProtocolError):
+        feed(conn, struct.pack(">QII", 0x1234, 1, 0))
+
+
+def test_eof_between_and_inside_options():
+    conn = handshake()
+    conn.receive_data(b"")
+    assert conn.next_event() == Disconnect("eof")
+    conn = handshake()
+    conn.receive_data(option(OPT["LIST"])[:10])
+    conn.receive_data(b"")
+    with pytest.raises(ProtocolError):
+        conn.next_event()
+
+
+# -- transmission
+def test_read_request_byte_by_byte():
+    conn, _ = negotiate()
+    events = feed(conn, request(READ, 4096, 512, cookie=0xABCDEF))
+    assert events == [Request(0xABCDEF, READ, 0, 4096, 512)]
+
+
+def test_write_payload_byte_by_byte():
+    conn, _ = negotiate()
+    payload = bytes(range(256)) * 2
+    events = feed(conn, request(WRITE, 512, 512, flags=1, data=payload) + request(FLUSH, cookie=8))
+    assert [(e.command, e.cookie, e.flags, e.data, e.error) for e in events] == [
+        (WRITE, 7, 1, payload, 0), (FLUSH, 8, 0, None, 0)]
+
+
+@pytest.mark.parametrize("req, error", [
+    (dict(cmd=99), EINVAL),                                   # unknown command
+    (dict(cmd=READ, length=512, flags=1 << 5), EINVAL),       # unknown flag
+    (dict(cmd=READ, length=512, flags=1 << 3), EINVAL),       # REQ_ONE on a READ
+    (dict(cmd=WZ, length=512, flags=1 << 2), EINVAL),         # DF on WRITE_ZEROES
+    (dict(cmd=READ, offset=(1 << 20) - 1, length=2), EINVAL),  # beyond the end
+    (dict(cmd=TRIM, offset=1 << 20, length=1), EINVAL),
+    (dict(cmd=WZ, offset=1 << 20, length=1), ENOSPC),
+    (dict(cmd=READ, length=65537), EINVAL),                   # above max block size
+    (dict(cmd=READ, length=65537, flags=1 << 2), EOVERFLOW),  # ... with DF
+    (dict(cmd=FLUSH, offset=1), EINVAL),
+    (dict(cmd=BS, length=0), EINVAL),
+    (dict(cmd=READ, offset=2**64 - 1, length=1), EINVAL),
+])
+def test_invalid_requests_are_flagged(req, error):
+    conn, _ = negotiate()
+    events = feed(conn, request(**req))
+    assert len(events) == 1 and events[0].error == error
+
+
+def test_no_contexts_block_status_and_read_only_writes():
+    conn, _ = negotiate(structured=False, contexts=(), export="ro")
+    events = feed(conn, request(BS, 0, 512) + request(WRITE, 0, 4, cookie=9, data=b"abcd")
+                  + request(TRIM, 0, 512, cookie=10) + request(FLUSH, cookie=11) + request(READ, 0, 8, flags=4, cookie=12))
+    assert [(e.cookie, e.error) for e in events] == [(7, EINVAL), (9, EPERM), (10, EPERM), (11, 0), (12, EINVAL)]
+
+
+def test_refused_write_payload_is_discarded_without_buffering():
+    conn, _ = negotiate()
+    conn.receive_data(request(WRITE, 0, 10 * 65536 + 1, cookie=1))
+    event = conn.next_event()
+    assert event.error == EINVAL and event.data is None
+    for _ in range(10):
+        conn.receive_data(bytes(65536))
+        assert conn.next_event() is NEED_DATA and conn.buffered_bytes == 0
+    events = feed(conn, b"\0" + request(READ, 0, 1, cookie=2))
+    assert [(e.cookie, e.error) for e in events] == [(2, 0)]
+
+
+def test_write_beyond_end_discards_payload():
+    conn, _ = negotiate()
+    events = feed(conn, request(WRITE, 1 << 20, 3, data=b"xyz") + request(READ, 0, 1, cookie=2))
+    assert [(e.cookie, e.error, e.data) for e in events] == [(7, ENOSPC, None), (2, 0, None)]
+
+
+def test_disc_and_eof():
+    conn, _ = negotiate()
+    assert feed(conn, request(DISC)) == [Disconnect("disc")]
+    conn.receive_data(b"ignored after DISC")
+    conn, _ = negotiate()
+    conn.receive_data(b"")
+    assert conn.next_event() == Disconnect("eof")
+    conn, _ = negotiate()
+    conn.receive_data(request(WRITE, 0, 4)[:30])
+    conn.receive_data(b"")
+    with pytest.raises(ProtocolError):
+        conn.next_event()
+
+
+def test_bad_request_magic():
+    conn, _ = negotiate()
+    with pytest.raises(ProtocolError):
+        feed(conn, struct.pack(">IHHQQI", 0x12560953, 0, 0, 0, 0, 0))
+
+
+# -- replies
+def test_simple_replies():
+    conn, _ = negotiate(structured=False, contexts=())
+    feed(conn, request(READ, 0, 4, cookie=5) + request(FLUSH, cookie=6))
+    assert conn.send(SimpleReply(6)) == struct.pack(">IIQ", SIMPLE_MAGIC, 0, 6)
+    with pytest.raises(LocalProtocolError):
+        conn.send(SimpleReply(5, data=b"abc"))   # wrong length
+    with pytest.raises(LocalProtocolError):
+        conn.send(OffsetData(5, 0, b"abcd"))     # not negotiated
+    assert conn.send(SimpleReply(5, data=b"abcd")) == struct.pack(">IIQ", SIMPLE_MAGIC, 0, 5) + b"abcd"
+    with pytest.raises(LocalProtocolError):
+        conn.send(SimpleReply(5))                # no longer in flight
+
+
+def test_structured_chunks():
+    conn, neg = negotiate(contexts=("base:allocation",))
+    (ctx,) = neg.meta_contexts
+    feed(conn, request(READ, 0, 8, cookie=1) + request(BS, 0, 8, cookie=2) + request(TRIM, 0, 8, cookie=3))
+    with pytest.raises(LocalProtocolError):
+        conn.send(SimpleReply(1))
+    assert conn.send(OffsetData(1, 0, b"abcd")) == struct.pack(">IHHQIQ", CHUNK_MAGIC, 0, 1, 1, 12, 0) + b"abcd"
+    assert conn.send(OffsetHole(1, 4, 4, done=True)) == struct.pack(">IHHQIQI", CHUNK_MAGIC, 1, 2, 1, 12, 4, 4)
+    assert conn.send(BlockStatus(2, ctx, [(4, 0), (4, 3)], done=True)) == (
+        struct.pack(">IHHQII", CHUNK_MAGIC, 1, 5, 2, 20, ctx) + struct.pack(">IIII", 4, 0, 4, 3))
+    assert conn.send(ErrorChunk(3, EPERM, "no", offset=2, done=False)) == (
+        struct.pack(">IHHQIIH", CHUNK_MAGIC, 0, 0x8002, 3, 16, EPERM, 2) + b"no" + struct.pack(">Q", 2))
+    assert conn.send(NoneChunk(3)) == struct.pack(">IHHQI", CHUNK_MAGIC, 1, 0, 3, 0)
+    with pytest.raises(LocalProtocolError):
+        conn.send(NoneChunk(3))
+
+
+def test_send_before_transmission_is_local_error():
+    conn = handshake()
+    with pytest.raises(LocalProtocolError):
+        conn.send(SimpleReply(1))
+
+
+# -- hostile input
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400), st.booleans())
+def test_random_bytes_raise_only_protocol_error(data, after_handshake):
+    conn = handshake() if after_handshake else ServerConnection(CATALOG)
+    try:
+        for piece in (data[: len(data) // 2], data[len(data) // 2:], b""):
+            conn.receive_data(piece)
+            while not isinstance(event := conn.next_event(), Disconnect) and event is not NEED_DATA:
+                pass
+            if isinstance(event, Disconnect):
+                break
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 10), st.integers(0, 63), st.integers(0, 2**64 - 1),
+                          st.integers(0, 2**17)), max_size=8), st.binary(max_size=64))
+def test_random_requests_raise_only_protocol_error(requests, tail):
+    conn, _ = negotiate()
+    data = b"".join(struct.pack(">IHHQQI", REQ_MAGIC, f, c, 1, o, n) for c, f, o, n in requests) + tail
+    try:
+        feed(conn, data, bytewise=False)
+        conn.receive_data(b"")
+        conn.next_event()
+    except ProtocolError:
+        pass
