@@ -34,6 +34,14 @@ def qemu_io(uri: str, *commands: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 
+def assert_write_refused(uri: str) -> None:
+    """qemu-io refuses to open a read-only export for writing, or its write fails."""
+    io = qemu_io(uri, "write -P 0xcd 0 4k")
+    out = io.stdout + io.stderr
+    assert io.returncode != 0, out
+    assert "Permission denied" in out or "read-only" in out or "write failed" in out, out
+
+
 @pytest.fixture
 def raw_disk(tmp_path) -> Path:
     path = tmp_path / "disk.raw"
@@ -75,9 +83,7 @@ def test_serve_default_export_name_is_empty(nbdserve, raw_disk):
 
 def test_serve_read_only_refuses_writes(nbdserve, raw_disk):
     proc = nbdserve("serve", "-r", "-f", "raw", "-x", "ro", raw_disk)
-    io = qemu_io(proc.uri, "write -P 0xcd 0 4k")
-    assert "Pattern" not in io.stdout
-    assert io.returncode != 0 or "write failed" in (io.stdout + io.stderr)
+    assert_write_refused(proc.uri)
     assert raw_disk.read_bytes()[:4096] == bytes(4096)
 
 
@@ -198,3 +204,55 @@ def test_create_raw_is_served(nbdserve, tmp_path):
     proc = nbdserve("serve", "-f", "raw", "-x", "m", path)
     info = subprocess.run(["nbdinfo", "--json", proc.uri], capture_output=True, text=True, timeout=60)
     assert json.loads(info.stdout)["exports"][0]["export-size"] == 2 << 20
+
+
+# -- demo ----------------------------------------------------------------------------------------
+
+def expected_demo_base() -> bytes:
+    """What conf/demo.toml's base image holds: 64 MiB, each MiB starting with a line naming it."""
+    data = bytearray(64 << 20)
+    for mib in range(64):
+        line = f"nbdserve demo base image: MiB {mib}\n".encode()
+        data[mib << 20: (mib << 20) + len(line)] = line
+    return bytes(data)
+
+
+def test_demo_chain_is_created(tmp_path):
+    from nbdserve.cli import make_demo_chain
+
+    make_demo_chain(tmp_path / "demo")
+    base, top = tmp_path / "demo" / "base.qcow2", tmp_path / "demo" / "top.qcow2"
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", top], capture_output=True,
+                                     text=True, check=True).stdout)
+    assert info["format"] == "qcow2"
+    assert info["backing-filename"] == "base.qcow2" and info["backing-filename-format"] == "qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", base, tmp_path / "base.raw"], check=True)
+    subprocess.run(["qemu-img", "convert", "-O", "raw", top, tmp_path / "top.raw"], check=True)
+    want = expected_demo_base()
+    assert (tmp_path / "base.raw").read_bytes() == want
+    want_top = bytearray(want)
+    want_top[4 << 20: (4 << 20) + (64 << 10)] = b"T" * (64 << 10)
+    assert (tmp_path / "top.raw").read_bytes() == want_top
+    # a second run keeps the existing images
+    mtime = top.stat().st_mtime_ns
+    make_demo_chain(tmp_path / "demo")
+    assert top.stat().st_mtime_ns == mtime
+
+
+def test_demo_serves_the_chain(nbdserve, tmp_path):
+    conf = tmp_path / "demo.toml"
+    conf.write_text((Path(__file__).resolve().parent.parent / "conf" / "demo.toml").read_text())
+    port = free_port()
+    proc = nbdserve("demo", "--config", conf, "--port", port, expected_uris=2)
+    assert proc.uris == [f"nbd://127.0.0.1:{port}/base", f"nbd://127.0.0.1:{port}/top"]
+    subprocess.run(["nbdcopy", proc.uris[0], tmp_path / "base.out"], check=True, timeout=120)
+    subprocess.run(["nbdcopy", proc.uris[1], tmp_path / "top.out"], check=True, timeout=120)
+    want = expected_demo_base()
+    assert (tmp_path / "base.out").read_bytes() == want
+    want_top = bytearray(want)
+    want_top[4 << 20: (4 << 20) + (64 << 10)] = b"T" * (64 << 10)
+    assert (tmp_path / "top.out").read_bytes() == want_top
+    # base is read-only, top takes writes
+    assert_write_refused(proc.uris[0])
+    io = qemu_io(proc.uris[1], "write -P 0x42 8M 64k", "read -P 0x42 8M 64k")
+    assert io.returncode == 0 and "Pattern verification failed" not in io.stdout, io.stdout + io.stderr
