@@ -1,0 +1,137 @@
+"""run_server: open the exports, listen, serve, and shut down gracefully."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import threading
+
+import trio
+
+from ..config import ServerConfig
+from ..nbd import ExportCatalog
+from .exports import Export, open_export
+from .session import Session
+
+log = logging.getLogger("nbdserve.server")
+SHUTDOWN_GRACE = 10.0     # seconds in-flight requests get to finish
+
+
+def _ensure_logging() -> None:
+    """One line per event on stderr, unless the application configured logging."""
+    base = logging.getLogger("nbdserve")
+    if not base.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("nbdserve: %(message)s"))
+        base.addHandler(handler)
+        base.setLevel(logging.INFO)
+
+
+async def _open_listeners(config: ServerConfig) -> tuple[list[trio.SocketListener], list]:
+    listeners, bound = [], []
+    if config.bind is not None:
+        for listener in await trio.open_tcp_listeners(config.port, host=config.bind or None):
+            listeners.append(listener)
+            bound.append(listener.socket.getsockname()[:2])
+    if config.unix_socket:
+        path = config.unix_socket
+        if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)   # a stale socket from an earlier run
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(path)
+        sock.listen(128)
+        listeners.append(trio.SocketListener(sock))
+        bound.append(path)
+    if not listeners:
+        raise ValueError("nothing to listen on: no bind address and no unix socket")
+    return listeners, bound
+
+
+def _peer_name(stream) -> str:
+    try:
+        peer = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+
+
+class _Server:
+    def __init__(self, config: ServerConfig, exports: dict[str, Export]):
+        self.config, self.exports = config, exports
+        self.catalog = ExportCatalog([e.info for e in exports.values()])
+        self.sessions: set[Session] = set()
+
+    async def handle(self, stream) -> None:
+        peer = _peer_name(stream)
+        if len(self.sessions) >= self.config.max_connections:
+            log.warning("%s: refused, %d connections open", peer, len(self.sessions))
+            await trio.aclose_forcefully(stream)
+            return
+        log.info("%s: connected", peer)
+        session = Session(stream, peer, self.exports, self.catalog, self.config.handshake_timeout,
+                          self.config.verbose)
+        self.sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+
+
+async def _wait_for_signal(stop: trio.Event) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            stop.set()
+            return
+
+
+async def run_server(config: ServerConfig, *, task_status=trio.TASK_STATUS_IGNORED,
+                     shutdown: trio.Event | None = None) -> None:
+    """Serve ``config.exports`` until SIGTERM/SIGINT (or ``shutdown`` is set).
+
+    Reports the bound (host, port) pairs / unix socket paths via task_status.
+    Raises ImageError if an export cannot be opened."""
+    _ensure_logging()
+    stop = shutdown or trio.Event()
+    exports: dict[str, Export] = {}
+    try:
+        for export_config in config.exports:
+            exports[export_config.name] = open_export(export_config)
+            log.info("export %r: %s (%d bytes, flags %#x)", export_config.name, export_config.image,
+                     exports[export_config.name].info.size, exports[export_config.name].info.flags)
+        server = _Server(config, exports)
+        listeners, bound = await _open_listeners(config)
+        async with trio.open_nursery() as outer:
+            outer.start_soon(_wait_for_signal, stop)
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as accepting:
+                    accepting.start_soon(functools.partial(trio.serve_listeners, server.handle, listeners,
+                                                            handler_nursery=connections))
+                    log.info("listening on %s", ", ".join(map(str, bound)))
+                    task_status.started(bound)
+                    await stop.wait()
+                    accepting.cancel_scope.cancel()
+                for listener in listeners:
+                    await listener.aclose()
+                for session in list(server.sessions):
+                    session.stop_reading()
+                connections.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
+            outer.cancel_scope.cancel()
+        if config.unix_socket and os.path.exists(config.unix_socket):
+            os.unlink(config.unix_socket)
+    finally:
+        with trio.CancelScope(shield=True):
+            for name, export in exports.items():
+                try:
+                    await export.device.flush()
+                    await export.device.close()
+                except Exception:   # noqa: BLE001
+                    log.exception("export %r: flush/close failed", name)
+        log.info("stopped")

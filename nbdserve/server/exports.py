@@ -1,0 +1,66 @@
+"""Exports: one shared BlockDevice per export, its ExportInfo, and errno mapping."""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+from ..blockdev import BlockDevice
+from ..config import ExportConfig
+from ..images import open_image
+from ..nbd import ExportInfo, TransmissionFlag as TF
+from ..nbd.constants import Errno
+from ..nbd.exports import ALL_CONTEXTS
+
+
+def export_info(name: str, device: BlockDevice, description: str = "") -> ExportInfo:
+    """The transmission flags and contexts an export advertises, from the device's can_*."""
+    flags = TF.HAS_FLAGS | TF.SEND_DF
+    writable = device.can_write()
+    if not writable:
+        flags |= TF.READ_ONLY
+    if device.can_flush():
+        flags |= TF.SEND_FLUSH
+    if writable and device.can_fua():
+        flags |= TF.SEND_FUA
+    if writable and device.can_trim():
+        flags |= TF.SEND_TRIM
+    if writable and device.can_zero():
+        flags |= TF.SEND_WRITE_ZEROES
+        if device.can_fast_zero():   # proto.md: FAST_ZERO only with WRITE_ZEROES
+            flags |= TF.SEND_FAST_ZERO
+    if device.can_cache():
+        flags |= TF.SEND_CACHE
+    if device.can_multi_conn():
+        flags |= TF.CAN_MULTI_CONN
+    contexts = ALL_CONTEXTS if device.can_extents() else ()
+    return ExportInfo(name=name, size=device.size, flags=flags, description=description, meta_contexts=contexts)
+
+
+@dataclass
+class Export:
+    config: ExportConfig
+    device: BlockDevice
+    info: ExportInfo
+
+
+def open_export(config: ExportConfig) -> Export:
+    """Open the image (raises ImageError); every connection shares this device."""
+    device = open_image(config.image, config.format, read_only=config.read_only,
+                        allocator=config.allocator, delays=config.delays)
+    return Export(config, device, export_info(config.name, device, config.description))
+
+
+_NBD_ERRNO = {
+    errno.EPERM: Errno.EPERM, errno.EROFS: Errno.EPERM, errno.EACCES: Errno.EPERM,
+    errno.EIO: Errno.EIO, errno.ENOMEM: Errno.ENOMEM, errno.EINVAL: Errno.EINVAL,
+    errno.ENOSPC: Errno.ENOSPC, errno.EDQUOT: Errno.ENOSPC, errno.EFBIG: Errno.ENOSPC,
+    errno.EOVERFLOW: Errno.EOVERFLOW, errno.ENOTSUP: Errno.ENOTSUP, errno.ESHUTDOWN: Errno.ESHUTDOWN,
+}
+
+
+def nbd_errno(exc: BaseException) -> Errno:
+    """NBD error for an exception from a device (proto.md: "Error values"); EIO if unknown."""
+    if isinstance(exc, OSError):
+        return _NBD_ERRNO.get(exc.errno, Errno.EIO)
+    return Errno.EIO

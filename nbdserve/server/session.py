@@ -1,0 +1,122 @@
+"""One client connection: handshake, then one task per in-flight request."""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from ..nbd import NEED_DATA, Disconnect, Negotiated, ProtocolError, Request, ServerConnection
+from .commands import execute
+from .exports import Export
+
+log = logging.getLogger("nbdserve.server")
+RECEIVE_SIZE = 256 * 1024
+MAX_IN_FLIGHT = 256          # requests per connection; reading pauses beyond this
+
+
+class Session:
+    def __init__(self, stream: trio.abc.Stream, peer: str, exports: dict[str, Export],
+                 catalog, handshake_timeout: float, verbose: bool):
+        self.stream, self.peer = stream, peer
+        self.exports, self.catalog = exports, catalog
+        self.handshake_timeout, self.verbose = handshake_timeout, verbose
+        self._stopping = False
+        self._reading: trio.CancelScope | None = None   # cancelled to stop taking requests
+        self._send_lock = trio.Lock()
+
+    def stop_reading(self) -> None:
+        """Take no more requests (shutdown); those in flight still finish."""
+        self._stopping = True
+        if self._reading is not None:
+            self._reading.cancel()
+
+    def _reading_scope(self) -> trio.CancelScope:
+        self._reading = trio.CancelScope()
+        if self._stopping:
+            self._reading.cancel()
+        return self._reading
+
+    async def run(self) -> None:
+        """Serve the connection; never raises (except Cancelled)."""
+        try:
+            negotiated, conn = await self._handshake()
+            if negotiated is not None:
+                await self._transmission(conn, negotiated)
+        except ProtocolError as e:
+            log.warning("%s: protocol error: %s", self.peer, e)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            log.info("%s: connection lost: %s", self.peer, e or type(e).__name__)
+        except Exception:   # noqa: BLE001 - a broken client or handler must not stop the server
+            log.exception("%s: connection failed", self.peer)
+        finally:
+            await trio.aclose_forcefully(self.stream)
+            log.info("%s: disconnected", self.peer)
+
+    async def _handshake(self) -> tuple[Negotiated | None, ServerConnection | None]:
+        conn = ServerConnection(self.catalog)
+        with self._reading_scope(), trio.move_on_after(self.handshake_timeout):
+            while True:
+                event = conn.next_event()
+                out = conn.data_to_send()
+                if out:
+                    await self.stream.send_all(out)
+                if event is NEED_DATA:
+                    conn.receive_data(await self.stream.receive_some(RECEIVE_SIZE))
+                elif isinstance(event, Disconnect):
+                    log.info("%s: closed during handshake (%s)", self.peer, event.reason)
+                    return None, None
+                else:
+                    log.info("%s: export %r, flags %#x, structured replies %s, contexts %s, options %s",
+                             self.peer, event.export.name, event.flags, event.structured_replies,
+                             sorted(event.meta_contexts.values()), ",".join(event.options))
+                    return event, conn
+        if not self._stopping:
+            log.warning("%s: handshake timed out after %s s", self.peer, self.handshake_timeout)
+        return None, None
+
+    async def _transmission(self, conn: ServerConnection, negotiated: Negotiated) -> None:
+        export = self.exports[negotiated.export.name]
+        limiter = trio.Semaphore(MAX_IN_FLIGHT)
+
+        async def send(event) -> None:
+            data = conn.send(event)
+            async with self._send_lock:   # one message at a time, never interleaved
+                await self.stream.send_all(data)
+
+        async def run_request(request: Request) -> None:
+            try:
+                await execute(request, export.device, negotiated.structured_replies,
+                              negotiated.meta_contexts, send)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                nursery.cancel_scope.cancel()   # the client is gone
+            except Exception:   # noqa: BLE001
+                log.exception("%s: request %r failed", self.peer, request)
+                nursery.cancel_scope.cancel()
+            finally:
+                limiter.release()
+
+        async with trio.open_nursery() as nursery:
+            try:
+                with self._reading_scope():
+                    reason = await self._read_requests(conn, limiter, nursery, run_request)
+                    log.info("%s: %s", self.peer, reason)
+            except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                log.warning("%s: dropping connection: %s", self.peer, e or type(e).__name__)
+                nursery.cancel_scope.cancel()
+
+    async def _read_requests(self, conn, limiter, nursery, run_request) -> str:
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                conn.receive_data(await self.stream.receive_some(RECEIVE_SIZE))
+            elif isinstance(event, Disconnect):
+                return {"disc": "NBD_CMD_DISC", "eof": "client closed without NBD_CMD_DISC"}.get(
+                    event.reason, event.reason)
+            else:
+                if self.verbose:
+                    log.info("%s: %s cookie=%#x flags=%#x offset=%d length=%d%s", self.peer,
+                             getattr(event.command, "name", event.command), event.cookie, event.flags,
+                             event.offset, event.length, f" error={event.error.name}" if event.error else "")
+                await limiter.acquire()
+                nursery.start_soon(run_request, event)
