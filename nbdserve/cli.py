@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import os
 import re
 import shutil
@@ -140,6 +141,23 @@ def _find_image_error(exc: BaseException):
     return None
 
 
+def _one_line(exc: BaseException) -> str:
+    """An ImageError's message, or an OSError without its "[Errno N]" prefix."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    text = re.sub(r"^\[Errno \d+\] ", "", str(exc)) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def setup_logging(verbose: bool) -> None:
+    """Log records go to stderr; -v / verbose = true shows INFO (connections, requests)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
+    root = logging.getLogger("nbdserve")
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
 def run(config: ServerConfig) -> int:
     """Serve ``config`` until SIGTERM/SIGINT; print one line per URI once listening."""
     for export in config.exports:
@@ -152,6 +170,8 @@ def run(config: ServerConfig) -> int:
         from .server import run_server
     except ImportError as e:
         raise CliError(f"the NBD server is not available in this build ({e})") from None
+
+    setup_logging(config.verbose)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -168,9 +188,7 @@ def run(config: ServerConfig) -> int:
         found = _find_image_error(e)
         if found is None:
             raise
-        if isinstance(found, OSError) and found.strerror and not str(found).startswith("/"):
-            raise CliError(f"{found.strerror}" + (f": {found.filename}" if found.filename else "")) from None
-        raise CliError(str(found)) from None
+        raise CliError(_one_line(found)) from None
     return 0
 
 

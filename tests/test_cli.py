@@ -256,3 +256,50 @@ def test_demo_serves_the_chain(nbdserve, tmp_path):
     assert_write_refused(proc.uris[0])
     io = qemu_io(proc.uris[1], "write -P 0x42 8M 64k", "read -P 0x42 8M 64k")
     assert io.returncode == 0 and "Pattern verification failed" not in io.stdout, io.stdout + io.stderr
+
+
+def test_port_in_use(tmp_path, raw_disk):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_cli("serve", "-f", "raw", "-p", port, raw_disk)
+    assert proc.returncode == 1
+    assert_one_line_error(proc)
+    assert "in use" in proc.stderr.lower()
+
+
+# -- create qcow2 (the engine's create_image behind the CLI) ------------------------------------
+
+def qemu_img_info(path) -> dict:
+    out = subprocess.run(["qemu-img", "info", "--output=json", path], capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out)
+
+
+def test_create_qcow2_options(tmp_path):
+    pytest.importorskip("nbdserve.qcow2.create")
+    path = tmp_path / "new.qcow2"
+    proc = run_cli("create", "-f", "qcow2", "-o", "cluster_size=4k,compat=1.1",
+                   "-o", "refcount_bits=8,lazy_refcounts=on", path, "16M")
+    assert proc.returncode == 0, proc.stderr
+    info = qemu_img_info(path)
+    assert info["format"] == "qcow2" and info["virtual-size"] == 16 << 20
+    assert info["cluster-size"] == 4096
+    spec = info["format-specific"]["data"]
+    assert (spec["compat"], spec["refcount-bits"], spec["lazy-refcounts"]) == ("1.1", 8, True)
+    assert subprocess.run(["qemu-img", "check", path], capture_output=True).returncode == 0
+
+
+def test_create_qcow2_backing_size_from_backing(tmp_path):
+    pytest.importorskip("nbdserve.qcow2.create")
+    (tmp_path / "base.raw").write_bytes(bytes(3 << 20))
+    proc = run_cli("create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", tmp_path / "top.qcow2")
+    assert proc.returncode == 0, proc.stderr
+    info = qemu_img_info(tmp_path / "top.qcow2")
+    assert info["virtual-size"] == 3 << 20
+    assert info["backing-filename"] == "base.raw" and info["backing-filename-format"] == "raw"
+    assert info["cluster-size"] == 65536
+    assert info["format-specific"]["data"]["compat"] == "1.1"
