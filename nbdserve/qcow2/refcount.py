@@ -1,0 +1,271 @@
+"""Reference counts: the refcount table, cached refcount blocks, cluster allocation.
+
+qcow2.txt: "Host cluster management".  Refcount updates are written through
+(one entry per pwrite) so that, at any instant, an increment is on disk before
+anything can point at the cluster; decrements are applied by the image only
+after the L2 entries that dropped the reference are durable.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from array import array
+from collections import OrderedDict
+from typing import Callable
+
+from . import format as fmt
+
+_ARRAY_CODE = {8: "B", 16: "H", 32: "I", 64: "Q"}
+_LITTLE = sys.byteorder == "little"
+assert all(array(code).itemsize * 8 == bits for bits, code in _ARRAY_CODE.items())
+
+
+def _decode(raw: bytes, bits: int) -> array:
+    if bits >= 8:
+        a = array(_ARRAY_CODE[bits], raw)
+        if _LITTLE and bits > 8:
+            a.byteswap()
+        return a
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    # qcow2.txt: sub-byte refcounts are packed starting at the least significant bit
+    return array("B", [(b >> (i * bits)) & mask for b in raw for i in range(per_byte)])
+
+
+class Refcounts:
+    """The refcount table and a bounded cache of decoded refcount blocks."""
+
+    def __init__(self, fd: int, cluster_bits: int, refcount_order: int, table: list[int],
+                 on_event: Callable[[str], None], max_cached_blocks: int = 256):
+        self.fd = fd
+        self.cluster_bits = cluster_bits
+        self.cluster_size = 1 << cluster_bits
+        self.bits = 1 << refcount_order
+        self.max_refcount = (1 << self.bits) - 1
+        self.block_entries_bits = cluster_bits + 3 - refcount_order
+        self.block_entries = 1 << self.block_entries_bits
+        self.table = table
+        self.blocks: OrderedDict[int, array] = OrderedDict()
+        self.max_cached_blocks = max_cached_blocks
+        self.free_cluster_index = 0
+        self.end_cluster = 0           # one past the highest cluster ever allocated here
+        self.on_event = on_event
+        self.on_table_moved: Callable[[int, int], None] = lambda offset, clusters: None
+
+    # -- reading
+    def _block(self, ti: int) -> array | None:
+        blk = self.blocks.get(ti)
+        if blk is not None:
+            self.blocks.move_to_end(ti)
+            return blk
+        if ti >= len(self.table):
+            return None
+        off = self.table[ti] & fmt.REFT_OFFSET_MASK
+        if not off:
+            return None
+        self.on_event("refblock_load")
+        raw = os.pread(self.fd, self.cluster_size, off)
+        if len(raw) < self.cluster_size:
+            raise OSError(errno.EIO, f"refcount block at {off:#x} lies past the end of the file")
+        blk = _decode(raw, self.bits)
+        self.blocks[ti] = blk
+        if len(self.blocks) > self.max_cached_blocks:
+            self.blocks.popitem(last=False)
+        return blk
+
+    def get(self, cluster: int) -> int:
+        blk = self._block(cluster >> self.block_entries_bits)
+        return 0 if blk is None else blk[cluster & (self.block_entries - 1)]
+
+    # -- writing
+    def _write_entry(self, ti: int, blk: array, index: int) -> None:
+        base = self.table[ti] & fmt.REFT_OFFSET_MASK
+        if self.bits >= 8:
+            nbytes = self.bits // 8
+            os.pwrite(self.fd, blk[index].to_bytes(nbytes, "big"), base + index * nbytes)
+        else:
+            per_byte = 8 // self.bits
+            first = index - index % per_byte
+            byte = 0
+            for i in range(per_byte):
+                byte |= blk[first + i] << (i * self.bits)
+            os.pwrite(self.fd, bytes([byte]), base + first // per_byte)
+
+    def set(self, cluster: int, value: int) -> None:
+        """Write one refcount; the refcount block must exist (see ensure_blocks)."""
+        if not 0 <= value <= self.max_refcount:
+            raise OSError(errno.ERANGE if value > 0 else errno.EIO,
+                          f"refcount of cluster {cluster} out of range: {value}")
+        ti = cluster >> self.block_entries_bits
+        blk = self._block(ti)
+        assert blk is not None, "refcount block missing"
+        index = cluster & (self.block_entries - 1)
+        blk[index] = value
+        self.on_event("refblock_update")
+        self._write_entry(ti, blk, index)
+        if value == 0 and cluster < self.free_cluster_index:
+            self.free_cluster_index = cluster
+
+    def change(self, offset: int, nbytes: int, delta: int) -> None:
+        first = offset >> self.cluster_bits
+        last = (offset + nbytes - 1) >> self.cluster_bits
+        if delta > 0:
+            self.ensure_blocks(first, last + 1)
+        for c in range(first, last + 1):
+            self.set(c, self.get(c) + delta)
+        if delta > 0:
+            self.end_cluster = max(self.end_cluster, last + 1)
+
+    # -- allocation (qemu: alloc_clusters_noref, qcow2_alloc_clusters_at)
+    def find_free(self, n: int) -> int:
+        """First fit from free_cluster_index: the first cluster of a free run of ``n``."""
+        c = self.free_cluster_index
+        run = 0
+        while run < n:
+            run = run + 1 if self.get(c) == 0 else 0
+            c += 1
+        return c - n
+
+    def alloc(self, n: int) -> int:
+        """Allocate ``n`` contiguous clusters; returns the host offset."""
+        while True:
+            start = self.find_free(n)
+            if self.ensure_blocks(start, start + n):
+                continue  # a new refcount block may have taken one of them: search again
+            self.on_event("cluster_alloc")
+            for c in range(start, start + n):
+                self.set(c, 1)
+            self.free_cluster_index = start + n
+            self.end_cluster = max(self.end_cluster, start + n)
+            return start << self.cluster_bits
+
+    def alloc_at(self, offset: int, n: int) -> int:
+        """Allocate up to ``n`` clusters starting exactly at ``offset``; returns how many."""
+        first = offset >> self.cluster_bits
+        count = 0
+        while count < n and self.get(first + count) == 0:
+            count += 1
+        if count == 0:
+            return 0
+        if self.ensure_blocks(first, first + count):
+            return self.alloc_at(offset, n)
+        self.on_event("cluster_alloc")
+        for c in range(first, first + count):
+            self.set(c, 1)
+        self.end_cluster = max(self.end_cluster, first + count)
+        return count
+
+    def ensure_blocks(self, first: int, end: int) -> bool:
+        """Make sure clusters [first, end) have refcount blocks.  True if any was created."""
+        created = False
+        ti = first >> self.block_entries_bits
+        last_ti = (end - 1) >> self.block_entries_bits
+        while ti <= last_ti:
+            if ti < len(self.table) and self.table[ti] & fmt.REFT_OFFSET_MASK:
+                ti += 1
+                continue
+            self._create_block(ti)
+            created = True
+        return created
+
+    def _create_block(self, ti: int) -> None:
+        """Allocate the refcount block for table index ``ti`` (qemu: alloc_refcount_block)."""
+        if ti >= len(self.table):
+            self._grow_table(ti)
+            return
+        self.on_event("refblock_alloc")
+        r = self.find_free(1)
+        rti = r >> self.block_entries_bits
+        blk = _decode(bytes(self.cluster_size), self.bits)
+        if rti == ti:
+            blk[r & (self.block_entries - 1)] = 1      # the block describes itself
+        elif rti < len(self.table) and self.table[rti] & fmt.REFT_OFFSET_MASK:
+            self.set(r, 1)
+        else:
+            self._create_block(rti)                    # its own block first; caller retries
+            return
+        self._write_block(r << self.cluster_bits, blk)
+        os.fsync(self.fd)                              # the block before the table entry
+        self.on_event("refblock_alloc_hookup")
+        self.table[ti] = r << self.cluster_bits
+        os.pwrite(self.fd, fmt.U64.pack(self.table[ti]), self.table_offset + ti * 8)
+        self.blocks[ti] = blk
+        self.end_cluster = max(self.end_cluster, r + 1)
+
+    def _write_block(self, offset: int, blk: array) -> None:
+        self.on_event("refblock_alloc_write")
+        if self.bits >= 8:
+            out = array(blk.typecode, blk)
+            if _LITTLE and self.bits > 8:
+                out.byteswap()
+            os.pwrite(self.fd, out.tobytes(), offset)
+        else:
+            per_byte = 8 // self.bits
+            raw = bytearray(len(blk) // per_byte)
+            for i, v in enumerate(blk):
+                if v:
+                    raw[i // per_byte] |= v << ((i % per_byte) * self.bits)
+            os.pwrite(self.fd, bytes(raw), offset)
+
+    table_offset: int = 0
+
+    def _grow_table(self, min_ti: int) -> None:
+        """Move the refcount table to the end of the image, bigger (qemu: refcount table growth).
+
+        The new table and the refcount blocks that describe it are placed past
+        everything allocated, written, made durable, and only then hooked into
+        the header.
+        """
+        self.on_event("reftable_grow")
+        cs = self.cluster_size
+        file_clusters = (os.fstat(self.fd).st_size + cs - 1) >> self.cluster_bits
+        start = max(file_clusters, self.end_cluster)
+        entries = max(min_ti + 1, len(self.table) * 2, cs // 8)
+        while True:
+            entries = (entries * 8 + cs - 1) // cs * cs // 8
+            tclusters = entries * 8 // cs
+            nblocks = 0
+            while True:
+                end = start + tclusters + nblocks
+                missing = [t for t in range(start >> self.block_entries_bits,
+                                            ((end - 1) >> self.block_entries_bits) + 1)
+                           if t >= len(self.table) or not self.table[t] & fmt.REFT_OFFSET_MASK]
+                if len(missing) <= nblocks:
+                    break
+                nblocks = len(missing)
+            if not missing or max(missing) < entries:
+                break
+            entries = max(missing) + 1
+        end = start + tclusters + nblocks
+        new_table = list(self.table) + [0] * (entries - len(self.table))
+        new_blocks: dict[int, array] = {}
+        for i, t in enumerate(missing):
+            new_table[t] = (start + tclusters + i) << self.cluster_bits
+            new_blocks[t] = _decode(bytes(cs), self.bits)
+        # refcounts of the new table and blocks: in the new blocks, or set through old ones
+        old_covered = []
+        for c in range(start, end):
+            t = c >> self.block_entries_bits
+            if t in new_blocks:
+                new_blocks[t][c & (self.block_entries - 1)] = 1
+            else:
+                old_covered.append(c)
+        for t, blk in new_blocks.items():
+            self._write_block(new_table[t], blk)
+        for c in old_covered:
+            self.set(c, 1)
+        raw = b"".join(fmt.U64.pack(e) for e in new_table)
+        self.on_event("refblock_alloc_write_table")
+        os.pwrite(self.fd, raw, start << self.cluster_bits)
+        os.fsync(self.fd)
+        old_offset, old_clusters = self.table_offset, (len(self.table) * 8 + cs - 1) // cs
+        self.on_event("refblock_alloc_switch_table")
+        self.on_table_moved(start << self.cluster_bits, tclusters)
+        self.table = new_table
+        self.table_offset = start << self.cluster_bits
+        self.blocks.update(new_blocks)
+        self.end_cluster = max(self.end_cluster, end)
+        # the old table is unreferenced once the header switch is durable
+        self.change(old_offset, old_clusters * cs, -1)
