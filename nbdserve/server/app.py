@@ -99,7 +99,7 @@ async def run_server(config: ServerConfig, *, task_status=trio.TASK_STATUS_IGNOR
     Reports the bound (host, port) pairs / unix socket paths via task_status.
     Raises ImageError if an export cannot be opened."""
     _ensure_logging()
-    stop = shutdown or trio.Event()
+    stop = shutdown if shutdown is not None else trio.Event()
     exports: dict[str, Export] = {}
     try:
         for export_config in config.exports:
