@@ -82,8 +82,10 @@ def check(path) -> str:
 
 
 def compare(path, raw_reference) -> None:
-    """``qemu-img compare -f qcow2 -F raw`` (strict about size) must say identical."""
-    qemu_img("compare", "-s", "-f", "qcow2", "-F", "raw", str(path), str(raw_reference))
+    """``qemu-img compare -f qcow2 -F raw`` must say identical, and the sizes must agree
+    (compare alone lets a longer image pass when its extra part reads zeros)."""
+    assert info(path)["virtual-size"] == os.path.getsize(raw_reference)
+    qemu_img("compare", "-f", "qcow2", "-F", "raw", str(path), str(raw_reference))
 
 
 def qemu_map(path) -> list[dict]:

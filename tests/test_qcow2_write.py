@@ -1,0 +1,324 @@
+"""Writing: the engine writes, closes, and qemu checks the result (``qemu-img check`` exit 0,
+``qemu-img compare`` against a raw reference the test maintains, qemu-io pattern reads)."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+
+import pytest
+
+from nbdserve.qcow2 import Qcow2Image
+
+from qemu_tools import (RawReference, check, compare, convert_raw, create, info, needs_qemu, pattern,
+                        qemu_img, qemu_io, qemu_map, read_all)
+
+pytestmark = needs_qemu
+
+K, M = 1024, 1024 * 1024
+
+
+class Mirror:
+    """The engine image and a bytearray of what it must read, changed together."""
+
+    def __init__(self, img: Qcow2Image, expected: bytes | bytearray, backing: bytes | None = None):
+        self.img = img
+        self.ref = bytearray(expected)
+        assert len(self.ref) == img.size
+        # what a cluster reads when it is dropped from this layer (v2 discard)
+        self.under = (bytes(backing[:img.size]) + bytes(max(0, img.size - len(backing)))
+                      if backing is not None else bytes(img.size))
+
+    async def write(self, off: int, data: bytes) -> None:
+        await self.img.pwrite(off, data)
+        self.ref[off:off + len(data)] = data
+
+    async def zero(self, off: int, n: int, **kw) -> None:
+        await self.img.zero(off, n, **kw)
+        self.ref[off:off + n] = bytes(n)
+
+    def whole_clusters(self, off: int, n: int) -> tuple[int, int]:
+        cs = self.img.cluster_size
+        first = -(-off // cs) * cs
+        end = off + n
+        last = self.img.size if end == self.img.size else end // cs * cs
+        return first, max(first, last)
+
+    async def trim(self, off: int, n: int) -> None:
+        """qcow2 discards whole clusters only: v3 makes them read zeros, v2 the backing file."""
+        await self.img.trim(off, n)
+        a, b = self.whole_clusters(off, n)
+        self.ref[a:b] = bytes(b - a) if self.img.version >= 3 else self.under[a:b]
+
+    async def verify(self) -> None:
+        assert await read_all(self.img) == bytes(self.ref)
+
+
+async def close_and_check(m: Mirror, path, tmp_path) -> None:
+    await m.img.close()
+    check(path)
+    ref = RawReference(tmp_path / "reference.raw", len(m.ref), bytes(m.ref))
+    compare(path, ref.path)
+
+
+async def random_ops(m: Mirror, seed: int, n: int, *, max_len: int, discard: bool = True) -> None:
+    rnd = random.Random(seed)
+    size, cs = m.img.size, m.img.cluster_size
+    for i in range(n):
+        off = rnd.randrange(0, size)
+        length = min(rnd.randrange(1, max_len), size - off)
+        op = rnd.random()
+        if op < 0.7:
+            await m.write(off, pattern(seed * 1000 + i, length))
+        elif op < 0.85 and discard:
+            await m.trim(off, length)
+        else:
+            await m.zero(off, length, may_trim=rnd.random() < 0.5)
+        if rnd.random() < 0.15:
+            await m.img.flush()
+    await m.verify()
+
+
+SHAPES = [
+    ("1.1", 65536, 16, {}),
+    ("0.10", 65536, 16, {}),
+    ("1.1", 512, 16, {}),
+    ("1.1", 512, 1, {}),
+    ("1.1", 4096, 64, {}),
+    ("1.1", 2 * M, 16, {}),
+    ("1.1", 65536, 16, {"extended_l2": "on"}),
+]
+
+
+@pytest.mark.parametrize("compat,cs,rb,extra", SHAPES,
+                         ids=[f"v{'2' if c == '0.10' else '3'}-{cs}-rc{rb}{'-' + '-'.join(e) if e else ''}"
+                              for c, cs, rb, e in SHAPES])
+async def test_random_writes(tmp_path, compat, cs, rb, extra):
+    size = max(8 * cs, 512 * K) + 1536               # ragged end, several L2 tables at 512 B
+    path = create(tmp_path / "img.qcow2", size, compat=compat, cluster_size=cs, refcount_bits=rb, **extra)
+    m = Mirror(Qcow2Image.open(path), bytes(size))
+    await random_ops(m, seed=cs + rb, n=60, max_len=3 * cs + 777)
+    # a write that spans an L2 boundary
+    l2_span = cs * (cs // (16 if extra.get("extended_l2") else 8))
+    if l2_span < size:
+        await m.write(l2_span - 1000, pattern(99, 3000))
+    await m.write(size - 1000, b"\x5e" * 1000)
+    await close_and_check(m, path, tmp_path)
+    qemu_io(path, f"read -P 0x5e {size - 1000} 1000")
+
+
+@pytest.mark.parametrize("rb", [1, 64])
+async def test_refcount_block_allocation_and_table_growth(tmp_path, rb):
+    """512-byte clusters: one refcount block covers 512*8/rb clusters and the one-cluster refcount
+    table 64 blocks; writing a few MiB allocates many refcount blocks and (rb=64) grows the table."""
+    size = 6 * M
+    path = create(tmp_path / "img.qcow2", size, cluster_size=512, refcount_bits=rb)
+    rt_before = struct.unpack_from(">QI", open(path, "rb").read(60), 48)
+    m = Mirror(Qcow2Image.open(path), bytes(size))
+    for i, off in enumerate(range(0, 3 * M, 256 * K)):
+        await m.write(off, pattern(i, 256 * K))
+    await m.write(5 * M + 100, b"\x5f" * 70000)
+    await m.img.flush()
+    await m.trim(M, 512 * K)
+    await m.write(4 * M, pattern(51, 10000))
+    await m.verify()
+    await close_and_check(m, path, tmp_path)
+    rt_after = struct.unpack_from(">QI", open(path, "rb").read(60), 48)
+    if rb == 64:
+        assert rt_after != rt_before, "the refcount table should have moved and grown"
+    qemu_io(path, f"read -P 0x5f {5 * M + 100} 70000", f"read -P 0 {M} {512 * K}")
+
+
+async def test_pattern_writes_read_by_qemu_io(tmp_path):
+    path = create(tmp_path / "img.qcow2", 4 * M, cluster_size=4096)
+    img = Qcow2Image.open(path)
+    await img.pwrite(1000, b"\xab" * 10000)
+    await img.pwrite(3 * M - 7, b"\xcd" * 70000)
+    await img.close()
+    check(path)
+    qemu_io(path, "read -P 0xab 1000 10000", "read -P 0 0 1000", "read -P 0 11000 4000",
+            f"read -P 0xcd {3 * M - 7} 70000")
+
+
+@pytest.mark.parametrize("backing_kind", ["qcow2", "raw"])
+async def test_overlay_cow_reads_backing(tmp_path, backing_kind):
+    size = 2 * M
+    base_data = pattern(7, size)
+    if backing_kind == "raw":
+        (tmp_path / "base.img").write_bytes(base_data)
+        base = "base.img"
+    else:
+        base = "base.qcow2"
+        create(tmp_path / base, size, cluster_size=4096)
+        (tmp_path / "b.raw").write_bytes(base_data)
+        qemu_img("convert", "-n", "-f", "raw", "-O", "qcow2", str(tmp_path / "b.raw"), str(tmp_path / base))
+    top = create(tmp_path / "top.qcow2", size, backing=base, backing_fmt=backing_kind, cluster_size=65536)
+    m = Mirror(Qcow2Image.open(top), base_data, backing=base_data)
+    await m.write(100, b"\x01" * 10)                    # head and tail COW from the backing file
+    await m.write(65536 * 3 - 5, b"\x02" * 10)           # across a cluster boundary
+    await random_ops(m, seed=5, n=40, max_len=150000)
+    await close_and_check(m, top, tmp_path)
+
+
+async def test_overlay_larger_than_backing(tmp_path):
+    (tmp_path / "base.img").write_bytes(pattern(8, 100 * K))
+    top = create(tmp_path / "top.qcow2", M, backing="base.img", backing_fmt="raw", cluster_size=65536)
+    m = Mirror(Qcow2Image.open(top), pattern(8, 100 * K) + bytes(M - 100 * K), backing=pattern(8, 100 * K))
+    await m.write(98 * K, b"\x09" * 100)                 # COW tail crosses the backing file's end
+    await m.write(500 * K, b"\x0a" * 100)
+    await m.verify()
+    await close_and_check(m, top, tmp_path)
+
+
+async def test_compressed_clusters_overwritten(tmp_path):
+    src = tmp_path / "src.raw"
+    data = bytearray((b"squeeze me " * 200000)[:2 * M])
+    src.write_bytes(data)
+    path = tmp_path / "c.qcow2"
+    qemu_img("convert", "-c", "-O", "qcow2", str(src), str(path))
+    m = Mirror(Qcow2Image.open(str(path)), data)
+    await m.write(70000, b"\x11" * 1000)                  # partial: COW from the compressed cluster
+    await m.write(65536 * 4, b"\x12" * 65536)             # whole cluster replaced
+    await m.write(65536 * 6 - 100, b"\x13" * 200)         # straddling two compressed clusters
+    await m.trim(65536 * 10, 65536 * 2)
+    await m.zero(65536 * 14, 65536, may_trim=False)
+    await m.zero(65536 * 16 + 5, 65536 + 100)
+    await m.verify()
+    await close_and_check(m, path, tmp_path)
+
+
+async def test_discard_v2_reads_backing_v3_reads_zero(tmp_path):
+    base_data = pattern(9, M)
+    (tmp_path / "base.img").write_bytes(base_data)
+    for compat in ("0.10", "1.1"):
+        top = create(tmp_path / f"top-{compat}.qcow2", M, backing="base.img", backing_fmt="raw",
+                     compat=compat, cluster_size=4096)
+        m = Mirror(Qcow2Image.open(top), base_data, backing=base_data)
+        await m.write(0, pattern(10, 256 * K))
+        await m.img.flush()
+        await m.trim(4096 * 3 + 100, 4096 * 10)            # partial clusters at the edges stay
+        await m.trim(512 * K, 64 * K)                       # never written here
+        await m.verify()
+        expect = bytes(4096 * 9) if compat == "1.1" else base_data[4096 * 4:4096 * 13]
+        assert await m.img.pread(4096 * 4, 4096 * 9) == expect
+        await close_and_check(m, top, tmp_path)
+
+
+@pytest.mark.parametrize("compat", ["0.10", "1.1"])
+async def test_freed_clusters_reused_after_flush(tmp_path, compat):
+    path = create(tmp_path / "img.qcow2", 16 * M, compat=compat, cluster_size=65536)
+    m = Mirror(Qcow2Image.open(path), bytes(16 * M))
+    await m.write(0, pattern(1, 4 * M))
+    await m.img.flush()
+    grown = os.stat(path).st_size
+    await m.trim(0, 4 * M)
+    await m.img.flush()
+    await m.write(8 * M, pattern(2, 4 * M))
+    await m.img.flush()
+    # the new data went into the freed clusters; at most a new L2 table was added
+    assert os.stat(path).st_size <= grown + 65536
+    await m.verify()
+    await close_and_check(m, path, tmp_path)
+
+
+@pytest.mark.parametrize("may_trim", [False, True])
+@pytest.mark.parametrize("with_backing", [False, True])
+async def test_write_zeroes(tmp_path, may_trim, with_backing):
+    base_data = pattern(11, 2 * M)
+    (tmp_path / "base.img").write_bytes(base_data)
+    kw = dict(backing="base.img", backing_fmt="raw") if with_backing else {}
+    path = create(tmp_path / "img.qcow2", 2 * M, cluster_size=65536, **kw)
+    m = Mirror(Qcow2Image.open(path), base_data if with_backing else bytes(2 * M),
+               backing=base_data if with_backing else None)
+    await m.write(0, pattern(12, M))
+    await m.zero(100, 300000, may_trim=may_trim)                     # partial head and tail
+    await m.zero(M - 65536, 3 * 65536, may_trim=may_trim)             # allocated and not
+    await m.zero(2 * M - 65536, 65536, may_trim=may_trim)
+    await m.img.flush()
+    await m.write(65536 * 2 + 1, b"\x33" * 5)                         # into a zeroed cluster
+    await m.verify()
+    await close_and_check(m, path, tmp_path)
+    if not may_trim:
+        # NO_HOLE: the whole zeroed clusters inside the written range keep a host offset
+        zeroed = [e for e in qemu_map(path) if e["zero"] and e["start"] >= 65536 * 3
+                  and e["start"] < 4 * 65536 and e["depth"] == 0]
+        assert zeroed and all("offset" in e for e in zeroed)
+
+
+async def test_write_zeroes_v2_writes_zeros(tmp_path):
+    path = create(tmp_path / "img.qcow2", M, compat="0.10", cluster_size=4096)
+    m = Mirror(Qcow2Image.open(path), bytes(M))
+    await m.write(0, pattern(13, M))
+    await m.zero(5000, 300000)
+    with pytest.raises(OSError):
+        await m.img.zero(0, 4096, fast=True)
+    await m.verify()
+    await close_and_check(m, path, tmp_path)
+
+
+async def test_lazy_refcounts_dirty_bit(tmp_path):
+    path = create(tmp_path / "img.qcow2", 4 * M, lazy_refcounts="on")
+
+    def incompatible() -> int:
+        with open(path, "rb") as f:
+            return struct.unpack_from(">Q", f.read(80), 72)[0]
+
+    assert incompatible() & 1 == 0
+    m = Mirror(Qcow2Image.open(path), bytes(4 * M))
+    await m.write(12345, pattern(14, 300000))
+    await m.img.flush()
+    assert incompatible() & 1, "dirty bit must be set while lazy refcounts may be stale"
+    await m.write(3 * M, pattern(15, 1000))
+    await m.verify()
+    await close_and_check(m, path, tmp_path)
+    assert incompatible() & 1 == 0
+    assert info(path)["format-specific"]["data"]["lazy-refcounts"] is True
+
+
+async def test_reopen_and_continue(tmp_path):
+    """Metadata written by one session is what the next one finds."""
+    path = create(tmp_path / "img.qcow2", 2 * M, cluster_size=512)
+    m = Mirror(Qcow2Image.open(path), bytes(2 * M))
+    await random_ops(m, seed=21, n=30, max_len=20000)
+    await m.img.close()
+    check(path)
+    m.img = Qcow2Image.open(path)
+    await m.verify()
+    await random_ops(m, seed=22, n=30, max_len=20000)
+    await close_and_check(m, path, tmp_path)
+    assert convert_raw(path, tmp_path) == bytes(m.ref)
+
+
+# ------------------------------------------------------------------ qemu-iotests 047
+
+async def iotest_047(path, allocator: str) -> None:
+    img = Qcow2Image.open(path, allocator=allocator)
+    await img.pwrite(0, b"\x66" * (320 * K))
+    await img.pwrite(320 * K, b"\xcd" * (128 * K))
+    await img.pwrite(M, b"\x55" * (128 * K))
+    await img.pwrite(448 * K, b"\x88" * (128 * K))
+    await img.trim(320 * K, 128 * K)
+    await img.flush()
+    await img.pwrite(0, b"\x77" * (480 * K))
+    await img.flush()
+    await img.close()
+
+
+async def test_iotest_047_fixed(tmp_path):
+    path = create(tmp_path / "img.qcow2", 128 * M)
+    await iotest_047(path, "fixed")
+    check(path)
+    qemu_io(path, "read -P 0x77 0 480k", "read -P 0x88 480k 96k", "read -P 0x55 1M 128k")
+
+
+async def test_iotest_047_qemu_112_corrupts(tmp_path):
+    path = create(tmp_path / "img.qcow2", 128 * M)
+    await iotest_047(path, "qemu-1.1.2")
+    qemu_io(path, "read -P 0x77 0 480k", "read -P 0x88 480k 96k", "read -P 0x55 1M 32k",
+            "read -P 0x88 1056k 32k", "read -P 0x55 1088k 64k")
+    img = Qcow2Image.open(path, read_only=True)
+    try:
+        assert await img.pread(M + 32 * K, 32 * K) == b"\x88" * (32 * K)
+    finally:
+        await img.close()
