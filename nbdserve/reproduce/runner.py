@@ -1,0 +1,145 @@
+"""Run a scenario: fresh image pair, nbdserve on loopback, qemu-io over NBD, verdict."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+import trio
+
+from ..config import ExportConfig, ServerConfig
+from ..qcow2.create import create_image
+from ..server import run_server
+from .model import DiskModel, differing_ranges, pattern_checks
+from .scenarios import Scenario
+
+EXPORT = "top"
+
+
+@dataclass
+class RunResult:
+    scenario: str
+    allocator: str
+    corrupted: bool
+    expected_md5: str
+    actual_md5: str
+    bad_ranges: list[list[int]]              # [offset, length]
+    checks: list[dict]                       # {"command", "ok"}
+    qemu_img_check: dict                     # qemu-img check --output=json, plus "exit"
+    delays: dict[str, float] = field(default_factory=dict)
+    workdir: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+async def _run(argv: list[str], check: bool = True) -> trio.CompletedProcess:
+    return await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=check)
+
+
+async def qemu_io(uri_or_file: str, commands, fmt: str = "raw") -> trio.CompletedProcess:
+    argv = ["qemu-io", "-f", fmt]
+    for c in commands:
+        argv += ["-c", c]
+    result = await _run(argv + [uri_or_file])
+    if b"error" in result.stdout.lower() or result.stderr:
+        raise RuntimeError(f"qemu-io {' '.join(commands)} failed: {(result.stdout + result.stderr).decode()}")
+    return result
+
+
+async def make_image_pair(workdir: str, scenario: Scenario) -> tuple[str, bytes]:
+    """A qcow2 base holding ``base_pattern`` and a fresh qcow2 overlay backed by it."""
+    base = os.path.join(workdir, "base.qcow2")
+    top = os.path.join(workdir, "top.qcow2")
+    create_image(base, scenario.size, cluster_size=scenario.cluster_size)
+    await qemu_io(base, [f"write -P {scenario.base_pattern:#x} 0 {scenario.base_length}"], fmt="qcow2")
+    create_image(top, scenario.size, cluster_size=scenario.cluster_size,
+                 backing="base.qcow2", backing_format="qcow2")
+    content = bytes([scenario.base_pattern]) * scenario.base_length
+    return top, content + bytes(scenario.size - len(content))
+
+
+async def run_scenario(scenario: Scenario, allocator: str, *, keep: bool = False,
+                       workdir: str | None = None) -> RunResult:
+    own = workdir is None
+    workdir = workdir or tempfile.mkdtemp(prefix=f"nbdserve-{scenario.name}-{allocator}-")
+    try:
+        top, base_content = await make_image_pair(workdir, scenario)
+        model = DiskModel(base_content, scenario.cluster_size)
+        for command in scenario.setup + tuple(c for inv in scenario.invocations for c in inv):
+            model.apply(command)
+        expected = bytes(model.data)
+        actual_path = os.path.join(workdir, "actual.raw")
+        config = ServerConfig(exports=[ExportConfig(name=EXPORT, image=top, format="qcow2",
+                                                    allocator=allocator, delays=dict(scenario.delays))],
+                              bind="127.0.0.1", port=0)
+        shutdown = trio.Event()
+        check_results = []
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(lambda task_status: run_server(config, task_status=task_status,
+                                                                        shutdown=shutdown))
+            host, port = bound[0]
+            uri = f"nbd://{host}:{port}/{EXPORT}"
+            await qemu_io(uri, scenario.setup)
+            for invocation in scenario.invocations:
+                await qemu_io(uri, invocation)
+            for check in pattern_checks(list(scenario.checks)):
+                r = await _run(["qemu-io", "-f", "raw", "-c", check.command, uri], check=False)
+                check_results.append({"command": check.command,
+                                      "ok": b"Pattern verification failed" not in r.stdout})
+            await _run(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, actual_path])
+            shutdown.set()
+        with open(actual_path, "rb") as f:
+            actual = f.read()
+        check = await _run(["qemu-img", "check", "--output=json", top], check=False)
+        verdict = json.loads(check.stdout or b"{}")
+        verdict["exit"] = check.returncode
+        bad = differing_ranges(expected, actual)
+        return RunResult(
+            scenario=scenario.name, allocator=allocator,
+            corrupted=bool(bad) or not all(c["ok"] for c in check_results),
+            expected_md5=hashlib.md5(expected).hexdigest(), actual_md5=hashlib.md5(actual).hexdigest(),
+            bad_ranges=[[o, n] for o, n in bad], checks=check_results, qemu_img_check=verdict,
+            delays=dict(scenario.delays), workdir=workdir if keep else None)
+    finally:
+        if own and not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def describe_check(verdict: dict) -> str:
+    if verdict.get("exit") == 0:
+        return "clean"
+    parts = []
+    for key in ("corruptions", "leaks", "check-errors"):
+        if verdict.get(key):
+            parts.append(f"{verdict[key]} {key}")
+    return ", ".join(parts) or f"exit {verdict.get('exit')}"
+
+
+def format_side_by_side(results: list[RunResult]) -> str:
+    """One column per allocator, a row per fact."""
+    def ranges(r: RunResult) -> str:
+        if not r.bad_ranges:
+            return "-"
+        return " ".join(f"{o:#x}+{n // 1024}K" for o, n in r.bad_ranges[:4]) + (" ..." if len(r.bad_ranges) > 4 else "")
+
+    rows = [("allocator", [r.allocator for r in results]),
+            ("corrupted", ["YES" if r.corrupted else "no" for r in results]),
+            ("expected md5", [r.expected_md5 for r in results]),
+            ("actual md5", [r.actual_md5 for r in results]),
+            ("bad ranges", [ranges(r) for r in results])]
+    for i, c in enumerate(results[0].checks):
+        rows.append((c["command"], ["ok" if r.checks[i]["ok"] else "FAILED" for r in results]))
+    rows.append(("qemu-img check", [describe_check(r.qemu_img_check) for r in results]))
+    if any(r.workdir for r in results):
+        rows.append(("kept in", [r.workdir or "-" for r in results]))
+    width = max(len(k) for k, _ in rows) + 2
+    colw = max(len(v) for _, vals in rows for v in vals) + 2
+    lines = [f"scenario {results[0].scenario}" + (f" (delays: {results[0].delays})" if results[0].delays else "")]
+    for key, vals in rows:
+        lines.append(key.ljust(width) + "".join(v.ljust(colw) for v in vals).rstrip())
+    return "\n".join(lines)
