@@ -55,12 +55,15 @@ async def test_structured_read_reports_holes(served):
         h.shutdown()
         return chunks
     chunks = sorted(await in_thread(read))
-    # The chunks tile 6..10 MiB exactly; holes (if the device reports them) read as zeros.
+    # The chunks tile 6..10 MiB exactly; holes read as zeros.
     image = bytearray()
     for offset, length, status, data in chunks:
         assert offset == 6 * MiB + len(image) and status in (nbd.READ_HOLE, nbd.READ_DATA)
         image += bytes(length) if status == nbd.READ_HOLE else data
     assert bytes(image) == bytes(2 * MiB) + DATA + bytes(MiB)
+    # the file's holes travel as OFFSET_HOLE chunks
+    assert (6 * MiB, 2 * MiB, nbd.READ_HOLE) in [(o, n, s) for o, n, s, _ in chunks]
+    assert (9 * MiB, MiB, nbd.READ_HOLE) in [(o, n, s) for o, n, s, _ in chunks]
 
 
 async def test_block_status_both_contexts(served):

@@ -9,7 +9,7 @@ import os
 
 import trio
 
-from .base import BlockDevice, Extent, check_range
+from .base import BlockDevice, Extent, ReadChunk, check_range
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -51,6 +51,19 @@ class RawFile(BlockDevice):
     async def pread(self, offset: int, length: int) -> bytes:
         check_range(self.size, offset, length)
         return pread_exact(self.fd, offset, length)
+
+    async def read_sparse(self, offset, length):
+        """Holes of the file (SEEK_HOLE) come back as zero chunks."""
+        check_range(self.size, offset, length)
+        chunks: list[ReadChunk] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            extent = (await self.extents(pos, end - pos))[0]
+            n = extent.length
+            data = pread_exact(self.fd, pos, n) if extent.data else None
+            chunks.append(ReadChunk(pos, n, data))
+            pos += n
+        return chunks
 
     async def pwrite(self, offset, data, fua=False):
         if self.read_only:
