@@ -283,10 +283,11 @@ class Qcow2Image(BlockDevice):
     def _pread_host(self, host: int, dst: memoryview) -> None:
         got = os.preadv(self.fd, [dst], host)
         if got < len(dst):
-            # a short last cluster reads as zeros; a cluster wholly past the end is corruption
-            if host + got >= os.fstat(self.fd).st_size and (host & ~(self.cluster_size - 1)) + got >= \
-                    os.fstat(self.fd).st_size and got == 0 and host & (self.cluster_size - 1) == 0:
-                raise self._corruption(f"data cluster at {host:#x} lies past the end of the file")
+            # a short last cluster reads as zeros; a cluster starting at or past the end is corruption
+            # (dst may span several host-contiguous clusters and start anywhere in the first)
+            last_cluster = (host + len(dst) - 1) & ~(self.cluster_size - 1)
+            if last_cluster >= os.fstat(self.fd).st_size:
+                raise self._corruption(f"data cluster at {last_cluster:#x} lies past the end of the file")
             dst[got:] = bytes(len(dst) - got)
 
     async def _read_backing(self, pos: int, dst: memoryview) -> None:
