@@ -11,8 +11,6 @@ import ipaddress
 import logging
 import os
 import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import quote
@@ -71,11 +69,12 @@ def parse_delay(text: str) -> tuple[str, float]:
     return event, value
 
 
-QCOW2_OPTIONS = ("cluster_size", "compat", "refcount_bits", "lazy_refcounts")
+QCOW2_OPTIONS = ("cluster_size", "compat", "refcount_bits", "lazy_refcounts", "extended_l2", "compression_type")
 
 
 def parse_create_options(texts: list[str]) -> dict[str, object]:
-    """``-o cluster_size=64k,compat=1.1,refcount_bits=16,lazy_refcounts=on`` -> create_image kwargs."""
+    """``-o cluster_size=64k,compat=1.1,refcount_bits=16,lazy_refcounts=on,extended_l2=off,
+    compression_type=zlib`` (qemu-img's names) -> create_image keyword arguments."""
     opts: dict[str, object] = {}
     for text in texts:
         for item in filter(None, text.split(",")):
@@ -96,10 +95,14 @@ def parse_create_options(texts: list[str]) -> dict[str, object]:
                 if not value.isdigit() or int(value) not in (1, 2, 4, 8, 16, 32, 64):
                     raise ValueError(f"-o refcount_bits: expected a power of two from 1 to 64, got {value!r}")
                 opts["refcount_bits"] = int(value)
-            elif key == "lazy_refcounts":
+            elif key in ("lazy_refcounts", "extended_l2"):
                 if value not in ("on", "off"):
-                    raise ValueError(f"-o lazy_refcounts: expected on or off, got {value!r}")
-                opts["lazy_refcounts"] = value == "on"
+                    raise ValueError(f"-o {key}: expected on or off, got {value!r}")
+                opts[key] = value == "on"
+            elif key == "compression_type":
+                if value not in ("zlib", "zstd"):
+                    raise ValueError(f"-o compression_type: expected zlib or zstd, got {value!r}")
+                opts["compression_type"] = value
             else:
                 raise ValueError(f"-o {key}: unknown option (expected one of: {', '.join(QCOW2_OPTIONS)})")
     return opts
@@ -152,7 +155,7 @@ def _one_line(exc: BaseException) -> str:
 def setup_logging(verbose: bool) -> None:
     """Log records go to stderr; -v / verbose = true shows INFO (connections, requests)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
+    handler.setFormatter(logging.Formatter("nbdserve: %(message)s"))
     root = logging.getLogger("nbdserve")
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
@@ -260,33 +263,41 @@ def _demo_base_bytes(size: int) -> bytearray:
     return data
 
 
-def _run_tool(argv: list[str], cwd: Path) -> None:
-    if shutil.which(argv[0]) is None:
-        raise CliError(f"demo: {argv[0]} is needed to create the demo images "
-                       "(apt-get install qemu-utils)")
-    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines() or ["failed"]
-        raise CliError(f"demo: {' '.join(argv[:2])}: {lines[-1]}")
+async def _write_qcow2(path: Path, writes: list[tuple[int, bytes]]) -> None:
+    from .qcow2 import Qcow2Image
+    image = Qcow2Image.open(str(path))
+    try:
+        for offset, data in writes:
+            await image.pwrite(offset, data)
+        await image.flush()
+    finally:
+        await image.close()
 
 
 def make_demo_chain(folder: Path) -> None:
-    """base.qcow2 (text lines at each MiB) and top.qcow2 on top of it (0x54 'T' at 4M..4M+64k)."""
+    """base.qcow2 (text lines at each MiB) and top.qcow2 on top of it (0x54 'T' at 4M..4M+64k),
+    made with nbdserve's own qcow2 engine; images already there are kept."""
+    import trio
+    from .qcow2 import Qcow2Error
+    from .qcow2.create import create_image
+
     folder.mkdir(parents=True, exist_ok=True)
     base, top = folder / "base.qcow2", folder / "top.qcow2"
-    if not base.exists():
-        tmp = folder / "base.tmp.raw"
-        tmp.write_bytes(_demo_base_bytes(DEMO_SIZE))
-        try:
-            _run_tool(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", tmp.name, "base.qcow2.part"], folder)
-            os.replace(folder / "base.qcow2.part", base)
-        finally:
-            tmp.unlink(missing_ok=True)
-    if not top.exists():
-        _run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
-                   "top.qcow2.part"], folder)
-        _run_tool(["qemu-io", "-f", "qcow2", "-c", "write -P 0x54 4M 64k", "top.qcow2.part"], folder)
-        os.replace(folder / "top.qcow2.part", top)
+    try:
+        if not base.exists():
+            part = folder / "base.qcow2.part"
+            create_image(str(part), DEMO_SIZE)
+            content = _demo_base_bytes(DEMO_SIZE)
+            trio.run(_write_qcow2, part, [(mib << 20, bytes(content[mib << 20: (mib << 20) + 4096]))
+                                          for mib in range(DEMO_SIZE >> 20)])
+            os.replace(part, base)
+        if not top.exists():
+            part = folder / "top.qcow2.part"
+            create_image(str(part), DEMO_SIZE, backing="base.qcow2", backing_format="qcow2")
+            trio.run(_write_qcow2, part, [(4 << 20, b"T" * (64 << 10))])
+            os.replace(part, top)
+    except (OSError, Qcow2Error) as e:
+        raise CliError(f"demo: cannot create the demo images in {folder}: {_one_line(e)}") from None
 
 
 def find_demo_config(explicit: str | None) -> Path:
@@ -410,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-b", dest="backing", metavar="BACKING", help="backing file (qcow2)")
     c.add_argument("-F", dest="backing_format", choices=FORMATS, metavar="FMT", help="backing file format")
     c.add_argument("-o", dest="options", action="append", metavar="OPTIONS",
-                   help="cluster_size=N,compat=0.10|1.1,refcount_bits=N,lazy_refcounts=on|off")
+                   help="cluster_size=N,compat=0.10|1.1,refcount_bits=N,lazy_refcounts=on|off,"
+                        "extended_l2=on|off,compression_type=zlib|zstd")
     c.add_argument("file", metavar="FILE")
     c.add_argument("size", nargs="?", metavar="SIZE", help="size with an optional K/M/G/T suffix")
     c.set_defaults(func=cmd_create)

@@ -128,6 +128,36 @@ def test_missing_image(tmp_path):
     assert_one_line_error(proc, str(missing), "no such file")
 
 
+def test_unusable_qcow2(tmp_path):
+    bad = tmp_path / "bad.qcow2"
+    bad.write_bytes(b"QFI\xfb" + (9).to_bytes(4, "big") + bytes(504))   # qcow2 magic, version 9
+    proc = run_cli("serve", "-p", free_port(), bad)
+    assert proc.returncode == 1
+    assert_one_line_error(proc, str(bad), "version")
+
+
+def test_raw_file_served_as_qcow2(tmp_path, raw_disk):
+    proc = run_cli("serve", "-f", "qcow2", "-p", free_port(), raw_disk)
+    assert proc.returncode == 1
+    assert_one_line_error(proc, str(raw_disk), "qcow2")
+
+
+def test_verbose_logs_requests(raw_disk):
+    with NbdserveProcess("serve", "-v", "-f", "raw", "-x", "v", "-p", str(free_port()), str(raw_disk)) as proc:
+        subprocess.run(["qemu-io", "-f", "raw", "-r", proc.uri, "-c", "read 0 4k"], check=True,
+                       capture_output=True, timeout=60)
+        assert proc.stop() == 0
+    assert "READ" in proc.stderr and "connected" in proc.stderr
+
+
+def test_quiet_without_verbose(raw_disk):
+    with NbdserveProcess("serve", "-f", "raw", "-x", "q", "-p", str(free_port()), str(raw_disk)) as proc:
+        subprocess.run(["qemu-io", "-f", "raw", "-r", proc.uri, "-c", "read 0 4k"], check=True,
+                       capture_output=True, timeout=60)
+        assert proc.stop() == 0
+    assert proc.stderr == ""
+
+
 def test_bad_config(tmp_path):
     (tmp_path / "a.raw").write_bytes(bytes(4096))
     conf = tmp_path / "bad.toml"
@@ -291,6 +321,24 @@ def test_create_qcow2_options(tmp_path):
     spec = info["format-specific"]["data"]
     assert (spec["compat"], spec["refcount-bits"], spec["lazy-refcounts"]) == ("1.1", 8, True)
     assert subprocess.run(["qemu-img", "check", path], capture_output=True).returncode == 0
+
+
+def test_create_qcow2_extended_l2_zstd(tmp_path):
+    pytest.importorskip("nbdserve.qcow2.create")
+    path = tmp_path / "x.qcow2"
+    proc = run_cli("create", "-f", "qcow2", "-o", "extended_l2=on,compression_type=zstd", path, "1G")
+    assert proc.returncode == 0, proc.stderr
+    spec = qemu_img_info(path)["format-specific"]["data"]
+    assert (spec["extended-l2"], spec["compression-type"]) == (True, "zstd")
+    assert subprocess.run(["qemu-img", "check", path], capture_output=True).returncode == 0
+
+
+def test_create_qcow2_refused_by_engine(tmp_path):
+    pytest.importorskip("nbdserve.qcow2.create")
+    # qcow2 v2 (compat=0.10) has no refcount widths other than 16 bits
+    proc = run_cli("create", "-f", "qcow2", "-o", "compat=0.10,refcount_bits=8", tmp_path / "x.qcow2", "1M")
+    assert proc.returncode == 1
+    assert_one_line_error(proc, "compat")
 
 
 def test_create_qcow2_backing_size_from_backing(tmp_path):
