@@ -153,7 +153,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 def setup_logging(verbose: bool) -> None:
-    """Log records go to stderr; -v / verbose = true shows INFO (connections, requests)."""
+    """Log records go to stderr: warnings only, or everything with -v / verbose = true
+    (connections, negotiation, every request)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("nbdserve: %(message)s"))
     root = logging.getLogger("nbdserve")
