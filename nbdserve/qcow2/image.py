@@ -150,6 +150,12 @@ class Qcow2Image(BlockDevice):
             raise Qcow2Error("Image is dirty (lazy refcounts were not written back); "
                              "repair it with 'nbdserve check -r all'")
         self.refcounts.end_cluster = (os.fstat(self.fd).st_size + self.cluster_size - 1) >> self.cluster_bits
+        if self.version >= 3 and h.autoclear_features:
+            # qcow2.txt: a writer that does not maintain an autoclear feature (persistent dirty
+            # bitmaps) clears its bit before the first write, so nobody trusts stale bitmaps
+            h.autoclear_features = 0
+            os.pwrite(self.fd, fmt.U64.pack(0), fmt.OFFSET_AUTOCLEAR)
+            os.fsync(self.fd)
         if h.compatible_features & fmt.COMPAT_LAZY_REFCOUNTS:
             # qcow2.txt: the dirty bit is set while refcounts may be stale
             self._write_incompatible(h.incompatible_features | fmt.INCOMPAT_DIRTY)
