@@ -1,4 +1,4 @@
-"""The ``nbdserve`` command line: ``serve``, ``demo`` and ``create``.
+"""The ``nbdserve`` command line: ``serve``, ``demo``, ``create`` and ``reproduce``.
 
 Errors are one line on stderr, ``nbdserve: error: ...``; exit status 2 for bad
 usage (flags, config file), 1 for failures at run time (images, sockets).
@@ -153,13 +153,13 @@ def _one_line(exc: BaseException) -> str:
 
 
 def setup_logging(verbose: bool) -> None:
-    """Log records go to stderr: warnings only, or everything with -v / verbose = true
-    (connections, negotiation, every request)."""
+    """Log records go to stderr, one line per event (connect, negotiation, disconnect,
+    errors); -v / verbose = true adds a line per request."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("nbdserve: %(message)s"))
     root = logging.getLogger("nbdserve")
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def run(config: ServerConfig) -> int:
@@ -427,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("file", metavar="FILE")
     c.add_argument("size", nargs="?", metavar="SIZE", help="size with an optional K/M/G/T suffix")
     c.set_defaults(func=cmd_create)
+
+    from .reproduce.cli import add_subcommand as add_reproduce
+    add_reproduce(sub)
     return parser
 
 

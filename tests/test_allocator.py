@@ -238,3 +238,17 @@ async def test_iotest_046_concurrent_allocations_fixed(tmp_path):
     assert "Pattern verification failed" not in out, out
     assert out.count("read ") == len(IOTEST_046_VERIFY)
     assert qemu_img_check(top) == 0
+
+
+def test_reproduce_cli_json():
+    """``nbdserve reproduce iotest-047 --json``: one object per allocator, exit 0 either way."""
+    import json
+    import sys
+    r = subprocess.run([sys.executable, "-m", "nbdserve", "reproduce", "iotest-047", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    runs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(x["allocator"], x["corrupted"]) for x in runs] == [("fixed", False), ("qemu-1.1.2", True)]
+    for x in runs:
+        assert {"scenario", "expected_md5", "actual_md5", "bad_ranges"} <= set(x)
+        assert x["scenario"] == "iotest-047" and x["qemu_img_check"]["exit"] == 0

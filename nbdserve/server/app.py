@@ -101,10 +101,11 @@ async def run_server(config: ServerConfig, *, task_status=trio.TASK_STATUS_IGNOR
     _ensure_logging()
     stop = shutdown if shutdown is not None else trio.Event()
     exports: dict[str, Export] = {}
+    listening = False
     try:
         for export_config in config.exports:
             exports[export_config.name] = open_export(export_config)
-            log.info("export %r: %s (%d bytes, flags %#x)", export_config.name, export_config.image,
+            log.debug("export %r: %s (%d bytes, flags %#x)", export_config.name, export_config.image,
                      exports[export_config.name].info.size, exports[export_config.name].info.flags)
         server = _Server(config, exports)
         listeners, bound = await _open_listeners(config)
@@ -115,6 +116,7 @@ async def run_server(config: ServerConfig, *, task_status=trio.TASK_STATUS_IGNOR
                     accepting.start_soon(functools.partial(trio.serve_listeners, server.handle, listeners,
                                                             handler_nursery=connections))
                     log.info("listening on %s", ", ".join(map(str, bound)))
+                    listening = True
                     task_status.started(bound)
                     await stop.wait()
                     accepting.cancel_scope.cancel()
@@ -134,4 +136,5 @@ async def run_server(config: ServerConfig, *, task_status=trio.TASK_STATUS_IGNOR
                     await export.device.close()
                 except Exception:   # noqa: BLE001
                     log.exception("export %r: flush/close failed", name)
-        log.info("stopped")
+        if listening:
+            log.info("stopped")

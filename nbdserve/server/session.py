@@ -115,7 +115,7 @@ class Session:
                     event.reason, event.reason)
             else:
                 if self.verbose:
-                    log.info("%s: %s cookie=%#x flags=%#x offset=%d length=%d%s", self.peer,
+                    log.debug("%s: %s cookie=%#x flags=%#x offset=%d length=%d%s", self.peer,
                              getattr(event.command, "name", event.command), event.cookie, event.flags,
                              event.offset, event.length, f" error={event.error.name}" if event.error else "")
                 await limiter.acquire()
