@@ -126,11 +126,43 @@ class CheckResult:
 
 
 @dataclass
-class _Snapshot:
+class SnapshotInfo:
+    """One entry of the snapshot table (qcow2.txt: "Snapshot table entry")."""
+
     id_str: str
     name: str
     l1_table_offset: int
     l1_size: int
+    date_sec: int = 0
+    date_nsec: int = 0
+    vm_clock_nsec: int = 0
+    vm_state_size: int = 0
+    icount: int | None = None
+
+
+def read_snapshot_table(fd: int, h: Qcow2Header) -> tuple[list[SnapshotInfo], int]:
+    """The snapshots of the image and the size in bytes of the snapshot table."""
+    snaps: list[SnapshotInfo] = []
+    pos = h.snapshots_offset
+    for _ in range(h.nb_snapshots):
+        fixed = os.pread(fd, _SNAPSHOT_FIXED.size, pos)
+        if len(fixed) < _SNAPSHOT_FIXED.size:
+            raise Qcow2Error(f"Snapshot table entry at {pos:#x} lies past the end of the file")
+        (l1_off, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state,
+         extra_len) = _SNAPSHOT_FIXED.unpack(fixed)
+        pos += _SNAPSHOT_FIXED.size
+        rest = os.pread(fd, extra_len + id_len + name_len, pos)
+        pos = (pos + extra_len + id_len + name_len + 7) & ~7
+        extra, names = rest[:extra_len], rest[extra_len:]
+        # qcow2.txt: optional extra data: vm_state_size_large, disk_size, icount
+        if len(extra) >= 8:
+            vm_state = int.from_bytes(extra[0:8], "big")
+        icount = int.from_bytes(extra[16:24], "big") if len(extra) >= 24 else None
+        snaps.append(SnapshotInfo(names[:id_len].decode("utf-8", "replace"),
+                                  names[id_len:id_len + name_len].decode("utf-8", "replace"),
+                                  l1_off, l1_size, date_sec, date_nsec, vm_clock, vm_state,
+                                  None if icount == (1 << 64) - 1 else icount))
+    return snaps, pos - h.snapshots_offset
 
 
 class _Rebuild(Exception):
@@ -179,7 +211,7 @@ class _Checker:
         self.block_entries = 1 << self.block_bits
         self.coff_mask, self.cshift, self.ccount_mask = fmt.compressed_masks(self.cb)
         self._load_reftable()
-        self.snapshots, self.snapshots_size = self._read_snapshots()
+        self.snapshots, self.snapshots_size = read_snapshot_table(self.fd, self.h)
         n = self.cs // 8
         # all entries of a table as one integer (native byte order): ones and steps of a cluster
         self._ones_int = int.from_bytes((array("Q", [1]) * n).tobytes(), sys.byteorder)
@@ -196,24 +228,6 @@ class _Checker:
                                                  h.refcount_table_offset))
         self.blocks: dict[int, array | None] = {}
         self.zero_block = array("Q", [0]) * self.block_entries
-
-    def _read_snapshots(self) -> tuple[list[_Snapshot], int]:
-        h = self.h
-        snaps: list[_Snapshot] = []
-        pos = h.snapshots_offset
-        for _ in range(h.nb_snapshots):
-            fixed = os.pread(self.fd, _SNAPSHOT_FIXED.size, pos)
-            if len(fixed) < _SNAPSHOT_FIXED.size:
-                raise Qcow2Error(f"Snapshot table entry at {pos:#x} lies past the end of the file")
-            (l1_off, l1_size, id_len, name_len, _ds, _dn, _vm, _vs,
-             extra_len) = _SNAPSHOT_FIXED.unpack(fixed)
-            pos += _SNAPSHOT_FIXED.size + extra_len
-            names = os.pread(self.fd, id_len + name_len, pos)
-            pos += id_len + name_len
-            pos = (pos + 7) & ~7
-            snaps.append(_Snapshot(names[:id_len].decode("utf-8", "replace"),
-                                   names[id_len:].decode("utf-8", "replace"), l1_off, l1_size))
-        return snaps, pos - h.snapshots_offset
 
     # ------------------------------------------------- stored refcounts
     def _block(self, ti: int) -> array | None:
