@@ -57,19 +57,21 @@ class L2Cache:
         if dirty:
             self.dirty.add(offset)
         if len(self.tables) > self.max_tables:
-            self._evict()
+            self._evict(keep=offset)
         return table
 
     def mark_dirty(self, offset: int) -> None:
         self.dirty.add(offset)
 
-    def _evict(self) -> None:
+    def _evict(self, keep: int) -> None:
+        """Drop the least recently used clean table, never ``keep`` (the one being returned:
+        its caller may be about to change it)."""
         for off in self.tables:
-            if off not in self.dirty:
+            if off not in self.dirty and off != keep:
                 del self.tables[off]
                 return
         self.make_room()
-        self.tables.popitem(last=False)
+        self.tables.popitem(last=False)     # the LRU end; ``keep`` is at the other
 
     def write_dirty(self) -> int:
         n = 0
