@@ -404,6 +404,10 @@ class Qcow2Image(BlockDevice):
         self.l1_dirty.add(l1_index)
         if old_off:
             self.pending_free.append((old_off, self.cluster_size))
+        # a reader may have evicted the new table while the events above slept (cache pressure
+        # writes it back first): return the cache's copy, never an orphan the caller would
+        # change in vain
+        table = self._l2_table_for(l1_index)
         return table, (pos >> self.cluster_bits) & (self.l2_entries - 1)
 
     def _entry(self, table: array, idx: int) -> tuple[int, int]:
@@ -598,8 +602,9 @@ class Qcow2Image(BlockDevice):
                 if new is not None and new != (entry, bitmap):
                     changes.append((idx, entry, new))
             if changes:
-                table, _ = await self._get_cluster_table(pos)
+                # the event first: the table must not leave the cache between lookup and change
                 await self.events.fire("l2_update")
+                table, _ = await self._get_cluster_table(pos)
                 for idx, _, new in changes:
                     old, oldbm = self._entry(table, idx)
                     self._set_entry(table, idx, *new)
