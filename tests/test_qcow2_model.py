@@ -26,7 +26,8 @@ SHAPES = {
     "v3-512": ("1.1", 512, 16, {}, 96 * K + 1536, None),
     "v3-4k-rc1-rawbacking": ("1.1", 4096, 1, {}, 256 * K, "raw"),
     "v2-64k-qcow2backing": ("0.10", 65536, 16, {}, 640 * K + 512, "qcow2"),
-    "v3-32k-extl2-rc64": ("1.1", 32768, 64, {"extended_l2": "on"}, 320 * K, None),
+    "v3-32k-extl2-rc64-rawbacking": ("1.1", 32768, 64, {"extended_l2": "on"}, 320 * K, "raw"),
+    "v3-16k-compressed": ("1.1", 16384, 16, {}, 256 * K, "compressed"),
 }
 
 # more examples for a bug hunt: QCOW2_MODEL_EXAMPLES=500
@@ -92,6 +93,14 @@ def make_image(d: Path, shape) -> tuple[str, bytes]:
     compat, cs, rb, extra, size, backing = shape
     under = bytes(size)
     kw = {}
+    if backing == "compressed":
+        # no backing file: the image starts as compressed clusters (qemu-img convert -c)
+        start = (b"compressible " * size)[:size - 2 * cs] + pattern(1, cs) + bytes(cs)
+        (d / "start.raw").write_bytes(start)
+        path = str(d / "img.qcow2")
+        qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
+                 f"compat={compat},cluster_size={cs},refcount_bits={rb}", str(d / "start.raw"), path)
+        return path, start
     if backing:
         under = pattern(size, size - 3 * cs) + bytes(3 * cs)        # shorter than the overlay
         (d / "base.raw").write_bytes(under[:size - 3 * cs])
@@ -109,6 +118,8 @@ def run_model(shape, plan, delays: bool) -> None:
         d = Path(tmp)
         path, under = make_image(d, shape)
         model = Model(size, cs, 2 if compat == "0.10" else 3, under)
+        if shape[5] == "compressed":
+            model.under = bytes(size)             # dropped clusters read zeros: no backing file
 
         async def main():
             img = Qcow2Image.open(path, delays={"write_aio": 1e-4, "cow_read": 1e-4, "cow_write": 1e-4}
