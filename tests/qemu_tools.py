@@ -96,6 +96,12 @@ def info(path) -> dict:
     return json.loads(qemu_img("info", "--output=json", str(path)).stdout)
 
 
+def shape_ids(shapes) -> list[str]:
+    """Test ids for (compat, cluster size, refcount bits, extra options) tuples."""
+    return [f"v{'2' if c == '0.10' else '3'}-{cs}-rc{rb}{'-' + '-'.join(e) if e else ''}"
+            for c, cs, rb, e, *_ in shapes]
+
+
 def pattern(seed: int, n: int) -> bytes:
     """Reproducible random bytes (never all-zero for n >= 16)."""
     return random.Random(seed).randbytes(n)

@@ -10,7 +10,8 @@ import pytest
 
 from nbdserve.qcow2 import Qcow2Error, Qcow2Image
 
-from qemu_tools import convert_raw, create, needs_qemu, pattern, qemu_img, qemu_io, qemu_map, read_all
+from qemu_tools import (convert_raw, create, needs_qemu, pattern, qemu_img, qemu_io, qemu_map, read_all,
+                        shape_ids)
 
 pytestmark = needs_qemu
 
@@ -86,8 +87,7 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("compat,cs,rb,extra", SHAPES,
-                         ids=[f"v{'2' if c == '0.10' else '3'}-{cs}-rc{rb}{'-' + '-'.join(e) if e else ''}"
-                              for c, cs, rb, e in SHAPES])
+                         ids=shape_ids(SHAPES))
 async def test_read_shapes(tmp_path, compat, cs, rb, extra):
     # a size that is not a multiple of the cluster size, spanning several L2 tables for small clusters
     size = max(6 * cs, 384 * K) + 1536
