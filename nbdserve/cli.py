@@ -1,4 +1,4 @@
-"""The ``nbdserve`` command line: ``serve``, ``demo``, ``create`` and ``reproduce``.
+"""The ``nbdserve`` command line: ``serve``, ``demo``, ``create``, ``check``, ``info``, ``map`` and ``reproduce``.
 
 Errors are one line on stderr, ``nbdserve: error: ...``; exit status 2 for bad
 usage (flags, config file), 1 for failures at run time (images, sockets).
@@ -428,7 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("size", nargs="?", metavar="SIZE", help="size with an optional K/M/G/T suffix")
     c.set_defaults(func=cmd_create)
 
+    from .cli_image import add_subcommands as add_image_commands
     from .reproduce.cli import add_subcommand as add_reproduce
+    add_image_commands(sub)
     add_reproduce(sub)
     return parser
 
