@@ -281,10 +281,20 @@ class _Checker:
         last = (offset + size - 1) >> self.cb
         if last >= len(ref):
             ref.extend(array("Q", [0]) * (last + 1 - len(ref)))
+        refmax = self.refmax
         for k in range(offset >> self.cb, last + 1):
-            ref[k] += 1
+            if ref[k] >= refmax:
+                self._overflow(k)
+            else:
+                ref[k] += 1
 
-    def _check_l2(self, l2_offset: int, frag: bool) -> None:
+    def _overflow(self, cluster: int) -> None:
+        self._msg(f"ERROR: overflow cluster offset={cluster << self.cb:#x}")
+        self._msg("Use qemu-img amend to increase the refcount entry width or qemu-img convert to "
+                  "create a clean copy if the image cannot be opened for writing")
+        self.res.corruptions += 1
+
+    def _check_l2(self, l2_offset: int, frag: bool, fix: int = 0) -> None:
         """qemu: check_refcounts_l2()."""
         res = self.res
         table = decode_table(self._pread(self.l2_bytes, l2_offset))
@@ -350,8 +360,16 @@ class _Checker:
                     self._msg(f"ERROR offset={off:x}: Data cluster is not properly aligned; "
                               "L2 entry corrupted.")
                 else:
-                    self._msg(f"ERROR offset={off:x}: Preallocated cluster is not properly aligned; "
-                              "L2 entry corrupted.")
+                    self._msg(f"{'Repairing' if fix & FIX_ERRORS else 'ERROR'} offset={off:x}: "
+                              "Preallocated cluster is not properly aligned; L2 entry corrupted.")
+                    if fix & FIX_ERRORS:
+                        # qemu: make it an unallocated zero cluster, written through at once
+                        new = 0 if extl2 else ZERO
+                        os.pwrite(self.fd, fmt.U64.pack(new), l2_offset + i * 8 * (2 if extl2 else 1))
+                        os.fsync(self.fd)
+                        res.corruptions -= 1
+                        res.corruptions_fixed += 1
+                        continue
             if frag:
                 allocated += 1
                 if next_contiguous and off != next_contiguous:
@@ -410,7 +428,7 @@ class _Checker:
             self.res.allocated_clusters += m
         return True
 
-    def _check_l1(self, l1_offset: int, l1_size: int, frag: bool) -> None:
+    def _check_l1(self, l1_offset: int, l1_size: int, frag: bool, fix: int = 0) -> None:
         """qemu: check_refcounts_l1()."""
         if not l1_size:
             return
@@ -429,7 +447,7 @@ class _Checker:
                 self._msg(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; "
                           "L1 entry corrupted")
                 self.res.corruptions += 1
-            self._check_l2(l2_offset, frag)
+            self._check_l2(l2_offset, frag, fix)
 
     def _check_bitmaps(self) -> None:
         """qemu: qcow2_check_bitmaps_refcounts()."""
@@ -497,7 +515,7 @@ class _Checker:
         cs = self.cs
         self.ref = array("Q", [0]) * ((self.file_len + cs - 1) >> self.cb)
         self._inc(0, cs)
-        self._check_l1(h.l1_table_offset, h.l1_size, True)
+        self._check_l1(h.l1_table_offset, h.l1_size, True, fix)
         for sn in self.snapshots:
             if sn.l1_table_offset & (cs - 1):
                 self._msg(f"ERROR snapshot {sn.id_str} ({sn.name}) l1_offset={sn.l1_table_offset:#x}: "
@@ -509,7 +527,7 @@ class _Checker:
                           "L1 table is too large; snapshot table entry corrupted")
                 self.res.corruptions += 1
                 continue
-            self._check_l1(sn.l1_table_offset, sn.l1_size, False)
+            self._check_l1(sn.l1_table_offset, sn.l1_size, False, fix)
         self._inc(h.snapshots_offset, self.snapshots_size)
         self._inc(h.refcount_table_offset, h.refcount_table_clusters * cs)
         self._check_bitmaps()
@@ -518,8 +536,7 @@ class _Checker:
             for k, v in enumerate(ref):
                 if v > self.refmax:
                     for _ in range(v - self.refmax):
-                        self._msg(f"ERROR: overflow cluster offset={k << self.cb:#x}")
-                        self.res.corruptions += 1
+                        self._overflow(k)
                     ref[k] = self.refmax
         return self._check_refblocks(fix)
 
