@@ -53,6 +53,21 @@ class L2Meta:
     done: trio.Event = field(default_factory=trio.Event)
 
 
+def _repair_if_dirty(path: str) -> None:
+    """qemu: a lazy-refcounts image left dirty is repaired (check -r all) when opened read-write."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        dirty = read_header(fd).incompatible_features & fmt.INCOMPAT_DIRTY
+    finally:
+        os.close(fd)
+    if dirty:
+        from .check import check_image
+        result = check_image(path, repair="all")
+        if result.failed or result.corruptions or result.check_errors:
+            raise Qcow2Error(f"Image is dirty and its repair left {result.corruptions} corruptions, "
+                             f"{result.check_errors} check errors")
+
+
 class Qcow2Image(BlockDevice):
     # ------------------------------------------------------------------ open
     @classmethod
@@ -68,6 +83,8 @@ class Qcow2Image(BlockDevice):
             events = BlkDebug(delays)
         except ValueError as e:
             raise Qcow2Error(str(e)) from None
+        if not read_only:
+            _repair_if_dirty(path)
         fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
         try:
             header = read_header(fd)
@@ -146,9 +163,6 @@ class Qcow2Image(BlockDevice):
         if self.read_only:
             return
         h = self.header
-        if h.incompatible_features & fmt.INCOMPAT_DIRTY:
-            raise Qcow2Error("Image is dirty (lazy refcounts were not written back); "
-                             "repair it with 'nbdserve check -r all'")
         self.refcounts.end_cluster = (os.fstat(self.fd).st_size + self.cluster_size - 1) >> self.cluster_bits
         if self.version >= 3 and h.autoclear_features:
             # qcow2.txt: a writer that does not maintain an autoclear feature (persistent dirty
