@@ -171,3 +171,16 @@ def test_bad_files(tmp_path, capsys, command):
     assert err.count("\n") == 1 and "not in qcow2 format" in err
     rc, out, err = cli(capsys, command, str(tmp_path / "missing.qcow2"))
     assert rc == 1 and out == "" and err.count("\n") == 1 and "No such file" in err
+
+
+def test_map_raw_backing_matches_qemu(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open("base.raw", "wb") as f:
+        f.truncate(8 << 20)
+        f.seek(1 << 20)
+        f.write(b"hello")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw",
+                    "top.qcow2", "16M"], check=True)
+    qio("top.qcow2", "write -P 2 3M 64k")
+    assert format_map_json(image_map("top.qcow2")) == qemu("map", "--output=json", "top.qcow2").stdout
+    assert format_map_human("top.qcow2") == (qemu("map", "top.qcow2").stdout, None)

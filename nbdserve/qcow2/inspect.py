@@ -173,7 +173,7 @@ def _layer_entries(dev, start: int, length: int, depth: int, out: list[dict]) ->
     if not isinstance(dev, Qcow2Image):
         # a raw layer: its bytes are the file's bytes
         for n, hole in _host_runs(dev.fd, start, length):
-            out.append(_entry(start, n, depth, True, hole, True, start, dev.path))
+            out.append(_entry(start, n, depth, True, hole, not hole, start, dev.path))
             start += n
         return
     prealloc = _metadata_preallocation(dev)
