@@ -31,6 +31,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     for line in res.messages:
         print(line, file=sys.stderr)
     sys.stderr.flush()
+    if res.failed:
+        # like qemu-img: a check that stopped prints no summary
+        print(f"{PROG}: Check failed: {res.failed}", file=sys.stderr, flush=True)
+        return res.exit_code
     if args.output == "json":
         print(json.dumps(res.to_json(), indent=4))
     else:
@@ -41,9 +45,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                   "Double checking the fixed image now...")
         sys.stdout.write(res.human())
     sys.stdout.flush()
-    if res.failed:
-        print(f"{PROG}: Check failed: {res.failed}", file=sys.stderr, flush=True)
-    elif res.check_errors:
+    if res.check_errors:
         print(f"{PROG}: Check failed", file=sys.stderr, flush=True)
     return res.exit_code
 

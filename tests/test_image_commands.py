@@ -184,3 +184,26 @@ def test_map_raw_backing_matches_qemu(tmp_path, monkeypatch):
     qio("top.qcow2", "write -P 2 3M 64k")
     assert format_map_json(image_map("top.qcow2")) == qemu("map", "--output=json", "top.qcow2").stdout
     assert format_map_human("top.qcow2") == (qemu("map", "top.qcow2").stdout, None)
+
+
+def test_check_cli_leaks_repair_that_needs_rebuild(tmp_path, capsys):
+    """-r leaks cannot fix a missing refcount: the check stops, no summary, exit 1 (as qemu-img)."""
+    from nbdserve.qcow2 import format as fmt
+    from nbdserve.qcow2.header import read_header
+    path = str(tmp_path / "zero.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, "16M"], check=True)
+    qio(path, "write -P 1 0 64k")
+    fd = os.open(path, os.O_RDWR)
+    h = read_header(fd)
+    l1e = int.from_bytes(os.pread(fd, 8, h.l1_table_offset), "big")
+    l2e = int.from_bytes(os.pread(fd, 8, l1e & fmt.L1E_OFFSET_MASK), "big")
+    block = int.from_bytes(os.pread(fd, 8, h.refcount_table_offset), "big")
+    os.pwrite(fd, bytes(2), block + ((l2e & fmt.L2E_OFFSET_MASK) >> 16) * 2)
+    os.close(fd)
+    copy = str(tmp_path / "copy.qcow2")
+    shutil.copy(path, copy)
+    theirs = qemu("check", "-r", "leaks", copy)
+    rc, out, err = cli(capsys, "check", "-r", "leaks", path)
+    assert rc == theirs.returncode == 1
+    assert out == theirs.stdout == ""
+    assert err.replace("nbdserve:", "qemu-img:") == theirs.stderr
