@@ -1,0 +1,264 @@
+"""Boot a Linux guest on an overlay served by nbdserve and run dpkg's workload in it.
+
+Per run: a fresh image pair (``base.qcow2`` with the ext4 tree and packages of
+:mod:`.workload`, ``top.qcow2`` a qcow2 overlay backed by it, 64 KiB clusters),
+nbdserve in this process on 127.0.0.1 (port chosen by the kernel) serving
+``top.qcow2`` as export ``top`` with the allocator under test, and
+``qemu-system-x86_64`` booting the host's Debian kernel with the initramfs of
+:mod:`.initramfs`.  Two client paths:
+
+``virtio``
+    qemu's own NBD client: ``-drive file=nbd://127.0.0.1:PORT/top,format=raw,if=virtio,
+    cache=none,discard=unmap``; the guest sees ``/dev/vda``.
+``nbd-client``
+    the guest kernel's NBD driver: a user-mode network with ``restrict=on`` and
+    ``guestfwd=tcp:10.0.2.100:10809-tcp:127.0.0.1:PORT``; Debian's ``nbd-client`` in the
+    guest attaches ``/dev/nbd0`` to ``10.0.2.100 10809 -N top``.  qemu's chardev is the
+    only host-side connection, and it goes to loopback.
+
+Why the qemu-1.1.2 allocator corrupts here, and what the run relies on (none of it
+is planted: both allocators see the very same guest, images and delays):
+
+* a write that starts in clusters the overlay already owns (QCOW_OFLAG_COPIED, e.g. a
+  cluster shared with a file that stays) and continues into clusters that need a new
+  allocation; 1.1.x allocates those at the host offset right after the kept ones;
+* that host space is free only because earlier data was deleted and discarded
+  (phase "remove": rm + ``fstrim``), and it is shorter than the write needs because
+  the host cluster after the hole belongs to other data (a package that stays, written
+  just after the removed one);
+* the write does not end on a cluster boundary (file sizes are never multiples of
+  64 KiB), so 1.1.2's ``nb_available`` overshoots by the tail and the tail COW lands in
+  that other data's host cluster (iotest 047's sequence, reached by a file system);
+* concurrent writes (parallel unpacks, the status-file rewrite) widen the window
+  between cow_read and cow_write for the race Kevin Wolf found; ``delays`` (default
+  ``cow_write=0.02``) plays the slow host storage of 2012 for both allocators alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import trio
+
+from ..config import ExportConfig, ServerConfig
+from ..qcow2.create import create_image
+from ..server import run_server
+from .initramfs import build_initramfs, kernel_image
+from .workload import WorkloadSpec, build_base_image
+
+EXPORT = "top"
+CLIENTS = ("virtio", "nbd-client")
+GUEST_NBD_ADDR = "10.0.2.100"
+GUEST_NBD_PORT = 10809
+DEFAULT_DELAYS = {"cow_write": 0.02}
+BOOT_TIMEOUT = 900.0
+
+
+class GuestUnavailable(RuntimeError):
+    """No kernel in /boot or no qemu-system-x86_64: the harness cannot run here."""
+
+
+@dataclass
+class GuestResult:
+    run: int
+    allocator: str
+    client: str
+    files_checked: int
+    files_corrupted: int
+    corrupted_files: list[str]            # "<package> <path>"
+    qemu_img_check: dict                  # qemu-img check --output=json, plus "exit"
+    seconds: float
+    completed: bool                       # the guest printed its summary
+    errors: list[str] = field(default_factory=list)   # @@ERROR lines, timeouts
+    phases: list[str] = field(default_factory=list)
+    delays: dict[str, float] = field(default_factory=dict)
+    console_log: str | None = None
+    workdir: str | None = None
+
+    @property
+    def corrupted(self) -> bool:
+        return self.files_corrupted > 0
+
+    @property
+    def check_clean(self) -> bool:
+        return self.qemu_img_check.get("exit") == 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["corrupted"] = self.corrupted
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+
+def missing_requirements() -> str | None:
+    """Why the guest harness cannot run on this machine, or None."""
+    if kernel_image() is None:
+        return "no /boot/vmlinuz-* with its modules (install linux-image-amd64: scripts/guest-deps)"
+    if shutil.which("qemu-system-x86_64") is None:
+        return "qemu-system-x86_64 not found (install qemu-system-x86: scripts/guest-deps)"
+    for tool in ("busybox", "nbd-client", "dpkg-deb", "mkfs.ext4", "qemu-img"):
+        if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
+            return f"{tool} not found (scripts/guest-deps installs it)"
+    return None
+
+
+def qemu_argv(vmlinuz: str, initrd: str, client: str, port: int, console: str) -> list[str]:
+    argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", "768", "-smp", "1",
+            "-display", "none", "-monitor", "none", "-serial", f"file:{console}", "-no-reboot",
+            "-kernel", vmlinuz, "-initrd", initrd,
+            "-append", f"console=ttyS0 quiet panic=-1 nbdserve.client={client}"]
+    if client == "virtio":
+        argv += ["-net", "none",
+                 "-drive", f"file=nbd://127.0.0.1:{port}/{EXPORT},format=raw,if=virtio,cache=none,"
+                           f"discard=unmap"]
+    elif client == "nbd-client":
+        argv += ["-netdev", f"user,id=n0,restrict=on,guestfwd=tcp:{GUEST_NBD_ADDR}:{GUEST_NBD_PORT}"
+                            f"-tcp:127.0.0.1:{port}",
+                 "-device", "virtio-net-pci,netdev=n0"]
+    else:
+        raise ValueError(f"client must be one of {', '.join(CLIENTS)}, not {client!r}")
+    return argv
+
+
+def parse_console(text: str) -> dict:
+    """The @@ lines of the guest's serial console."""
+    files, corrupted, errors, phases = 0, [], [], []
+    summary = None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("@@FILE "):
+            files += 1
+            rest = line[len("@@FILE "):]
+            if not rest.endswith(": OK"):
+                corrupted.append(re.sub(r":\s*\S+$", "", rest))
+        elif line.startswith("@@ERROR"):
+            errors.append(line[len("@@ERROR "):])
+        elif line.startswith("@@PHASE "):
+            phases.append(line[len("@@PHASE "):])
+        elif line.startswith("@@SUMMARY"):
+            summary = dict(kv.split("=", 1) for kv in line.split()[1:])
+    return {"files": files, "corrupted": corrupted, "errors": errors, "phases": phases,
+            "summary": summary}
+
+
+async def _qemu_img_check(path: str) -> dict:
+    r = await trio.run_process(["qemu-img", "check", "--output=json", path], capture_stdout=True,
+                               capture_stderr=True, check=False)
+    try:
+        verdict = json.loads(r.stdout or b"{}")
+    except json.JSONDecodeError:
+        verdict = {"output": r.stdout.decode(errors="replace")}
+    verdict["exit"] = r.returncode
+    return verdict
+
+
+async def run_guest_once(allocator: str, client: str = "virtio", *, run: int = 1, workdir: str,
+                         delays: dict[str, float] | None = None, spec: WorkloadSpec | None = None,
+                         timeout: float = BOOT_TIMEOUT) -> GuestResult:
+    """One boot in ``workdir`` (which must exist and be empty)."""
+    delays = dict(DEFAULT_DELAYS if delays is None else delays)
+    vmlinuz = kernel_image()
+    if vmlinuz is None or shutil.which("qemu-system-x86_64") is None:
+        raise GuestUnavailable(missing_requirements() or "guest requirements missing")
+    initrd = await trio.to_thread.run_sync(build_initramfs, vmlinuz)
+    start = time.monotonic()
+    base, _plan = await trio.to_thread.run_sync(build_base_image, workdir, spec or WorkloadSpec())
+    top = os.path.join(workdir, "top.qcow2")
+    create_image(top, (spec or WorkloadSpec()).fs_size, cluster_size=64 << 10,
+                 backing="base.qcow2", backing_format="qcow2")
+    console = os.path.join(workdir, "console.log")
+    config = ServerConfig(exports=[ExportConfig(name=EXPORT, image=top, format="qcow2",
+                                                allocator=allocator, delays=delays)],
+                          bind="127.0.0.1", port=0, handshake_timeout=timeout)
+    errors: list[str] = []
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(lambda task_status: run_server(config, task_status=task_status,
+                                                                    shutdown=shutdown))
+        port = bound[0][1]
+        argv = qemu_argv(vmlinuz, initrd, client, port, console)
+        with open(os.path.join(workdir, "qemu.cmdline"), "w") as f:
+            f.write(" ".join(argv) + "\n")
+        with trio.move_on_after(timeout) as scope:
+            r = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+            if r.returncode != 0:
+                errors.append(f"qemu exited {r.returncode}: {r.stderr.decode(errors='replace').strip()}")
+        if scope.cancelled_caught:
+            errors.append(f"guest did not finish within {timeout:.0f} s")
+        shutdown.set()
+    seconds = time.monotonic() - start
+    text = open(console, errors="replace").read() if os.path.exists(console) else ""
+    parsed = parse_console(text)
+    errors += parsed["errors"]
+    verdict = await _qemu_img_check(top)
+    return GuestResult(run=run, allocator=allocator, client=client, files_checked=parsed["files"],
+                       files_corrupted=len(parsed["corrupted"]), corrupted_files=parsed["corrupted"],
+                       qemu_img_check=verdict, seconds=round(seconds, 1),
+                       completed=parsed["summary"] is not None, errors=errors, phases=parsed["phases"],
+                       delays=delays, console_log=console, workdir=workdir)
+
+
+async def run_guest(allocator: str, client: str = "virtio", runs: int = 1, keep: bool = False, *,
+                    delays: dict[str, float] | None = None, spec: WorkloadSpec | None = None,
+                    workdir: str | None = None, timeout: float = BOOT_TIMEOUT) -> list[GuestResult]:
+    """``runs`` guest boots with ``allocator``; each gets its own work dir under ``workdir``
+    (default: a new temporary folder).  Without ``keep`` the images are deleted afterwards but
+    the console logs stay (``console_log`` of each result); with ``keep`` everything stays."""
+    if client not in CLIENTS:
+        raise ValueError(f"client must be one of {', '.join(CLIENTS)}, not {client!r}")
+    root = workdir or tempfile.mkdtemp(prefix=f"nbdserve-guest-{allocator}-{client}-")
+    os.makedirs(root, exist_ok=True)
+    results = []
+    for i in range(1, runs + 1):
+        wd = os.path.join(root, f"run{i}")
+        os.makedirs(wd)
+        result = await run_guest_once(allocator, client, run=i, workdir=wd, delays=delays, spec=spec,
+                                      timeout=timeout)
+        if not keep:
+            for name in ("top.qcow2", "base.qcow2"):
+                try:
+                    os.unlink(os.path.join(wd, name))
+                except FileNotFoundError:
+                    pass
+            result.workdir = None
+        results.append(result)
+    return results
+
+
+def describe_check(verdict: dict) -> str:
+    if verdict.get("exit") == 0:
+        return "clean"
+    parts = [f"{verdict[k]} {k}" for k in ("corruptions", "leaks", "check-errors") if verdict.get(k)]
+    return ", ".join(parts) or f"exit {verdict.get('exit')}"
+
+
+def format_guest_results(results: list[GuestResult], *, max_files: int = 6) -> str:
+    """A line per run, the corrupted files under it, and a total per allocator/client."""
+    lines = []
+    for r in results:
+        state = "CORRUPTED" if r.corrupted else ("ok" if r.completed else "INCOMPLETE")
+        lines.append(f"run {r.run} allocator={r.allocator} client={r.client}: {state}; "
+                     f"{r.files_checked} files checked, {r.files_corrupted} corrupted; "
+                     f"qemu-img check: {describe_check(r.qemu_img_check)}; {r.seconds:.0f} s")
+        for name in r.corrupted_files[:max_files]:
+            lines.append(f"    FAILED {name}")
+        if len(r.corrupted_files) > max_files:
+            lines.append(f"    ... and {len(r.corrupted_files) - max_files} more")
+        for e in r.errors:
+            lines.append(f"    error: {e}")
+        lines.append(f"    console log: {r.console_log}" + (f"; images kept in {r.workdir}" if r.workdir else ""))
+    groups: dict[tuple[str, str], list[GuestResult]] = {}
+    for r in results:
+        groups.setdefault((r.allocator, r.client), []).append(r)
+    for (allocator, client), rs in groups.items():
+        bad = sum(r.corrupted for r in rs)
+        lines.append(f"{allocator} via {client}: corrupted files in {bad} of {len(rs)} runs")
+    return "\n".join(lines)
