@@ -14,7 +14,8 @@ import trio.testing
 
 from nbdserve.qcow2 import Qcow2Image
 from nbdserve.qcow2.create import create_image
-from nbdserve.reproduce import SCENARIOS, run_scenario
+from nbdserve.reproduce import SCENARIOS
+from nbdserve.reproduce.runner import run_scenario
 from nbdserve.reproduce.model import DiskModel, parse_size
 
 K = 1024

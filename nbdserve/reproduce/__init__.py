@@ -1,6 +1,8 @@
-"""``nbdserve reproduce``: the 2012 qcow2 corruption, end to end over NBD with real clients."""
+"""``nbdserve reproduce``: the 2012 qcow2 corruption, end to end over NBD with real clients.
 
-from .runner import RunResult, run_scenario
+runner.py runs a scenario (it imports the server, so import it where needed);
+scenarios.py and model.py are plain data and arithmetic."""
+
 from .scenarios import SCENARIOS, Scenario
 
-__all__ = ["RunResult", "run_scenario", "SCENARIOS", "Scenario"]
+__all__ = ["SCENARIOS", "Scenario"]

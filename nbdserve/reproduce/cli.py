@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-import trio
-
 from ..qcow2.policy import POLICIES
-from .runner import format_side_by_side, run_scenario
 from .scenarios import SCENARIOS
 
 
@@ -24,6 +21,10 @@ def add_subcommand(sub) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    import trio
+
+    from .runner import format_side_by_side, run_scenario
+
     quiet = logging.getLogger("nbdserve")      # the runs' own server: warnings only
     quiet.addHandler(logging.NullHandler())
     quiet.setLevel(logging.WARNING)
