@@ -17,7 +17,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       python3 python3-venv python3-pip ca-certificates \
       qemu-utils libnbd-bin \
-      qemu-system-x86 linux-image-amd64 busybox-static nbd-client dpkg-dev e2fsprogs cpio kmod \
+      qemu-system-x86 linux-image-amd64 busybox-static nbd-client dpkg-dev e2fsprogs kmod \
  && rm -rf /var/lib/apt/lists/*
 
 COPY pyproject.toml README.md /src/nbdserve/

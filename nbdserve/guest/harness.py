@@ -17,21 +17,25 @@ nbdserve in this process on 127.0.0.1 (port chosen by the kernel) serving
     only host-side connection, and it goes to loopback.
 
 Why the qemu-1.1.2 allocator corrupts here, and what the run relies on (none of it
-is planted: both allocators see the very same guest, images and delays):
+is planted: both allocators see the very same guest, images, workload and delays):
 
-* a write that starts in clusters the overlay already owns (QCOW_OFLAG_COPIED, e.g. a
-  cluster shared with a file that stays) and continues into clusters that need a new
-  allocation; 1.1.x allocates those at the host offset right after the kept ones;
-* that host space is free only because earlier data was deleted and discarded
-  (phase "remove": rm + ``fstrim``), and it is shorter than the write needs because
-  the host cluster after the hole belongs to other data (a package that stays, written
-  just after the removed one);
-* the write does not end on a cluster boundary (file sizes are never multiples of
-  64 KiB), so 1.1.2's ``nb_available`` overshoots by the tail and the tail COW lands in
-  that other data's host cluster (iotest 047's sequence, reached by a file system);
-* concurrent writes (parallel unpacks, the status-file rewrite) widen the window
-  between cow_read and cow_write for the race Kevin Wolf found; ``delays`` (default
-  ``cow_write=0.02``) plays the slow host storage of 2012 for both allocators alike.
+* writes that start in a cluster the overlay already owns (QCOW_OFLAG_COPIED): files
+  written back in pieces (small dirty-page limits) continue in the cluster where the
+  previous piece ended; 1.1.x then allocates the new clusters at the host offset right
+  after the kept one;
+* host space there that is free but shorter than the write needs: the holes that
+  ``rm`` + ``fstrim`` + a flush leave between clusters still in use, and the remainders
+  of those holes after first-fit allocations; or an allocation cut short by the next
+  COPIED cluster or by another write's allocation in flight (parallel unpacks);
+* a write that does not end on a cluster boundary (file sizes are never multiples of
+  64 KiB) and ends within the kept clusters' length past the new ones: 1.1.2's
+  ``nb_available`` then leaves an unaligned tail, and the tail COW writes stale guest data
+  into the host cluster after the new ones, which belongs to another file (iotest 047),
+  or into a cluster that a concurrent write is filling (Kevin Wolf's race);
+* every generation (remove, discard, upgrade) gives a few such writes; six generations
+  give enough that a run without a corrupted file is rare.  ``delays`` (default
+  ``cow_write=0.02``, the slow host storage of 2012) widens the race window for both
+  allocators alike.
 """
 
 from __future__ import annotations
@@ -128,17 +132,20 @@ def qemu_argv(vmlinuz: str, initrd: str, client: str, port: int, console: str) -
     return argv
 
 
+FILE_LINE = re.compile(r"^@@FILE (\S+) (.+): (OK|FAILED.*)$")
+
+
 def parse_console(text: str) -> dict:
     """The @@ lines of the guest's serial console."""
     files, corrupted, errors, phases = 0, [], [], []
     summary = None
     for line in text.splitlines():
         line = line.strip()
-        if line.startswith("@@FILE "):
+        m = FILE_LINE.match(line)
+        if m:
             files += 1
-            rest = line[len("@@FILE "):]
-            if not rest.endswith(": OK"):
-                corrupted.append(re.sub(r":\s*\S+$", "", rest))
+            if m.group(3) != "OK":
+                corrupted.append(f"{m.group(1)} {m.group(2)}")
         elif line.startswith("@@ERROR"):
             errors.append(line[len("@@ERROR "):])
         elif line.startswith("@@PHASE "):

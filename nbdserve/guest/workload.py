@@ -6,14 +6,17 @@ The base image is an ext4 file system with a small Debian-like tree (``/etc``,
 ``workload.sh`` and the md5sums of the base tree.  The guest writes only to the
 overlay served by nbdserve; the base stays untouched.
 
-What the guest does (``workload.sh``), the way a 2012 ``apt-get upgrade`` shaped a disk:
+What the guest does (``workload.sh``), the way years of ``apt-get upgrade`` shape a disk:
 
-1. *install* the "old" packages (one ``dpkg-deb -x`` each, several in parallel), ``sync``;
-2. *remove* every other one of them (their files deleted), ``sync``, ``fstrim``: the
-   overlay's host clusters that held them are freed (qcow2 discard), leaving holes
-   between host clusters still in use by the packages that stay;
-3. *upgrade*: unpack the "new" packages, all in parallel, while the writeback of the
-   earlier ones is still in flight; ``sync``;
+1. little room for dirty pages (``vm.dirty_background_bytes`` 64 KiB, ``vm.dirty_bytes``
+   256 KiB, as on the small VMs of 2012): the flusher writes files back in pieces while
+   they are unpacked, so many writes start inside a cluster an earlier piece allocated;
+2. *install* generation 0 of the packages (one ``dpkg-deb -x`` each, all in parallel, the
+   dpkg status file rewritten meanwhile), ``sync``;
+3. per later generation: *remove* every other installed package (its files deleted),
+   ``sync``, ``fstrim``, ``sync`` (the flush makes the overlay reuse the discarded host
+   clusters: holes between clusters still in use), then *upgrade*: install the generation
+   like generation 0;
 4. ``echo 3 > /proc/sys/vm/drop_caches``, umount, mount, and check every file of every
    installed package against the package's ``md5sums`` and the base tree against its
    own list; ``@@FILE <pkg> <path>: OK|FAILED`` per file, ``@@SUMMARY`` at the end.
@@ -34,8 +37,8 @@ ARCHIVES = "var/cache/apt/archives"
 
 @dataclass(frozen=True)
 class WorkloadSpec:
-    old_packages: int = 8          # installed first; every other one removed again
-    new_packages: int = 6          # unpacked in parallel afterwards
+    generations: int = 6           # generation 0 installed, each later one after a removal
+    packages_per_generation: int = 6
     files_per_package: int = 5
     min_file: int = 96 << 10
     max_file: int = 640 << 10
@@ -94,53 +97,70 @@ def build_package(folder: str, name: str, version: str, rng: random.Random, spec
     return deb
 
 
-SCRIPT = r"""#!/bin/sh
+SCRIPT_HEAD = r"""#!/bin/sh
 # nbdserve guest workload (generated); $1 = block device, $2 = mount point
 dev="$1"; mnt="$2"
 W="$mnt/__WORKLOAD_DIR__"; A="$mnt/__ARCHIVES__"
-OLD="__OLD__"; REMOVE="__REMOVE__"; NEW="__NEW__"
 cp "$W/base.md5sums" /tmp/base.md5sums
-for p in $OLD $NEW; do mkdir -p /tmp/ctl/$p; dpkg-deb -e "$A"/${p}_*.deb /tmp/ctl/$p; done
 mkdir -p /tmp/debs; cp "$A"/*.deb /tmp/debs/
+for d in /tmp/debs/*.deb; do p=$(basename $d); p=${p%%_*}; mkdir -p /tmp/ctl/$p; dpkg-deb -e $d /tmp/ctl/$p; done
 # little memory for dirty pages, as on the small VMs of 2012: the flusher writes files
 # back in pieces while they are being unpacked, so writes start in clusters written before
 echo 65536 > /proc/sys/vm/dirty_background_bytes
 echo 262144 > /proc/sys/vm/dirty_bytes
-echo "@@PHASE install"
-for p in $OLD; do dpkg-deb -x /tmp/debs/${p}_*.deb "$mnt" & done; wait
-sync
-echo "@@PHASE remove"
-for p in $REMOVE; do
-  sed 's/^[0-9a-f]*  //' /tmp/ctl/$p/md5sums | while read f; do rm -f "$mnt/$f"; done
-  rm -rf "$mnt/usr/share/$p" "$mnt/usr/lib/$p"
-done
-sync
-fstrim -v "$mnt" || echo "@@ERROR fstrim"
-echo "@@PHASE upgrade"
-for p in $NEW; do dpkg-deb -x /tmp/debs/${p}_*.deb "$mnt" & done
-# other writes in flight meanwhile: the dpkg status file being rewritten
-for i in 1 2 3 4; do cat "$mnt/var/lib/dpkg/status" /tmp/ctl/*/control > "$mnt/var/lib/dpkg/status-new"; mv "$mnt/var/lib/dpkg/status-new" "$mnt/var/lib/dpkg/status"; done
-wait
-sync
-echo 3 > /proc/sys/vm/drop_caches
-umount "$mnt" || echo "@@ERROR umount"
-mount -t ext4 "$dev" "$mnt" || { echo "@@ERROR remount"; exit 1; }
-echo "@@PHASE verify"
-checked=0; failed=0
+install() {  # unpack packages "$@" all at once, with the dpkg status file rewritten meanwhile
+  for p in "$@"; do dpkg-deb -x /tmp/debs/${p}_*.deb "$mnt" & done
+  for i in 1 2 3; do
+    cat "$mnt/var/lib/dpkg/status" /tmp/ctl/$1/control > "$mnt/var/lib/dpkg/status-new"
+    mv "$mnt/var/lib/dpkg/status-new" "$mnt/var/lib/dpkg/status"
+  done
+  wait
+  sync
+}
+remove() {  # delete the files of packages "$@", then discard the freed blocks
+  for p in "$@"; do
+    sed 's/^[0-9a-f]*  //' /tmp/ctl/$p/md5sums | while read f; do rm -f "$mnt/$f"; done
+    rm -rf "$mnt/usr/share/$p" "$mnt/usr/lib/$p"
+  done
+  sync
+  fstrim "$mnt" || echo "@@ERROR fstrim"
+  sync   # the flush lets the overlay reuse the discarded clusters
+}
 check() {  # $1 = package name (or "base"), $2 = md5sums file
   cd "$mnt"
   md5sum -c "$2" 2>&1 | while read line; do echo "@@FILE $1 $line"; done
   cd /
 }
-INSTALLED=""
-for p in $OLD; do case " $REMOVE " in *" $p "*) ;; *) INSTALLED="$INSTALLED $p";; esac; done
-for p in $INSTALLED $NEW; do check $p /tmp/ctl/$p/md5sums; done > /tmp/results
+"""
+
+SCRIPT_TAIL = r"""echo 3 > /proc/sys/vm/drop_caches
+umount "$mnt" || echo "@@ERROR umount"
+mount -t ext4 "$dev" "$mnt" || { echo "@@ERROR remount"; exit 1; }
+echo "@@PHASE verify"
+for p in $INSTALLED; do check $p /tmp/ctl/$p/md5sums; done > /tmp/results
 check base /tmp/base.md5sums >> /tmp/results
-cat /tmp/results
-checked=$(grep -c '^@@FILE' /tmp/results)
-failed=$(grep '^@@FILE' /tmp/results | grep -vc ': OK$')
+grep -E ': (OK|FAILED.*)$' /tmp/results
+checked=$(grep -cE ': (OK|FAILED.*)$' /tmp/results)
+failed=$(grep -cE ': FAILED' /tmp/results)
 echo "@@SUMMARY checked=$checked failed=$failed"
 """
+
+
+def workload_script(generations: list[list[str]]) -> tuple[str, list[str]]:
+    """The guest script for ``generations`` of packages, and the packages installed at the end.
+
+    Generation 0 is installed; then per later generation: every other installed package
+    (the oldest first) is removed and its blocks discarded, and the generation installed."""
+    lines = [SCRIPT_HEAD, 'echo "@@PHASE install 0"', "install " + " ".join(generations[0])]
+    installed = list(generations[0])
+    for g, packages in enumerate(generations[1:], 1):
+        gone = installed[::2]
+        installed = [p for p in installed if p not in gone]
+        lines += [f'echo "@@PHASE remove {g}"', "remove " + " ".join(gone),
+                  f'echo "@@PHASE upgrade {g}"', "install " + " ".join(packages)]
+        installed += packages
+    lines += [f'INSTALLED="{" ".join(installed)}"', SCRIPT_TAIL]
+    return "\n".join(lines), installed
 
 
 def _base_tree(tree: str, rng: random.Random) -> None:
@@ -186,23 +206,21 @@ def build_base_tree(tree: str, spec: WorkloadSpec) -> dict:
     os.makedirs(archives, exist_ok=True)
     build = os.path.join(tree, "..", "debbuild")
     os.makedirs(build, exist_ok=True)
-    old = [f"libold{i}" for i in range(spec.old_packages)]
-    new = [f"libnew{i}" for i in range(spec.new_packages)]
-    for name in old + new:
+    generations = [[f"lib{chr(ord('a') + g)}{i}" for i in range(spec.packages_per_generation)]
+                   for g in range(spec.generations)]
+    for name in (p for gen in generations for p in gen):
         deb = build_package(build, name, "1.0", rng, spec)
         shutil.move(deb, archives)
     shutil.rmtree(build)
-    remove = old[::2]
     wdir = os.path.join(tree, WORKLOAD_DIR)
     os.makedirs(wdir, exist_ok=True)
     with open(os.path.join(wdir, "base.md5sums"), "w") as f:
         f.writelines(sums)
-    script = (SCRIPT.replace("__WORKLOAD_DIR__", WORKLOAD_DIR).replace("__ARCHIVES__", ARCHIVES)
-              .replace("__OLD__", " ".join(old)).replace("__REMOVE__", " ".join(remove))
-              .replace("__NEW__", " ".join(new)))
+    script, installed = workload_script(generations)
+    script = script.replace("__WORKLOAD_DIR__", WORKLOAD_DIR).replace("__ARCHIVES__", ARCHIVES)
     with open(os.path.join(wdir, "workload.sh"), "w") as f:
         f.write(script)
-    return {"old": old, "remove": remove, "new": new}
+    return {"generations": generations, "installed": installed}
 
 
 def build_base_image(workdir: str, spec: WorkloadSpec) -> tuple[str, dict]:
