@@ -245,9 +245,28 @@ async def test_extents_match_qemu_img_map(tmp_path, compat):
         qemu_io(top, "write -z 2M 64k")
     img = Qcow2Image.open(str(top), read_only=True)
     try:
-        assert await our_runs(img) == qemu_runs(top)
+        ours = per_cluster(await our_runs(img), 65536)
     finally:
         await img.close()
+    theirs = per_cluster(qemu_runs(top), 65536)
+    assert [o[:4] for o in ours] == [t[:4] for t in theirs]
+    for o, t in zip(ours, theirs):
+        if t[4]:
+            assert o[4] == t[4], (o, t)
+        else:
+            # qemu-img map: allocated nowhere.  Extent.depth follows NBD qemu:allocation-depth,
+            # where a range past a backing file's end counts in that backing layer (checked
+            # against qemu-nbd in test_server_chain.py); either way it reads as zeros.
+            assert o[3] and not o[2], (o, t)
+
+
+def per_cluster(runs, cs):
+    """Split (start, length, ...) runs into cluster-sized ones, for a comparison by cluster."""
+    out = []
+    for start, length, *rest in runs:
+        for pos in range(start, start + length, cs):
+            out.append((pos, min(cs, start + length - pos), *rest))
+    return out
 
 
 async def test_extents_compressed_and_extended_l2(tmp_path):

@@ -366,7 +366,10 @@ class Qcow2Image(BlockDevice):
                         out.append(Extent(e.length, e.data, e.zero, e.depth + 1 if e.depth else 0))
                         done += e.length
                 if inside < n:
-                    out.append(Extent(n - inside, data=False, zero=True, depth=0))
+                    # qemu: past a backing file's end reads zeros "allocated" in that backing
+                    # layer (BDRV_BLOCK_EOF); with no backing file it is unallocated
+                    depth = 0 if self.backing is None else 2
+                    out.append(Extent(n - inside, data=False, zero=True, depth=depth))
         return out
 
     async def cache(self, offset, length):
