@@ -50,6 +50,7 @@ class L2Meta:
     n_start: int           # bytes before the write in the first new cluster (head COW)
     nb_clusters: int
     nb_available: int      # MIN(requested, avail): where the tail COW is computed from
+    fresh: bool = False    # the new clusters lie past anything the file ever held: they read as zeros
     done: trio.Event = field(default_factory=trio.Event)
 
 
@@ -498,6 +499,7 @@ class Qcow2Image(BlockDevice):
             if wait_on is not None:
                 await self._unlocked(wait_on.done.wait)
                 continue  # recheck the free/allocated clusters
+            never_used = self.refcounts.end_cluster
             if nb_clusters:
                 if alloc_host == 0:
                     await self.events.fire("cluster_alloc")
@@ -510,7 +512,8 @@ class Qcow2Image(BlockDevice):
                 avail = self.policy.avail_bytes(keep, nb_clusters, cs)
                 meta = L2Meta(offset=guest_alloc, alloc_offset=alloc_host,
                               n_start=0 if keep else n_start, nb_clusters=nb_clusters,
-                              nb_available=min(requested, avail))
+                              nb_available=min(requested, avail),
+                              fresh=alloc_host >> self.cluster_bits >= never_used)
                 self.cluster_allocs.append(meta)
             covered = min((keep + nb_clusters) * cs, n_end) - n_start
             host = (cluster_offset if keep else alloc_host) + n_start
@@ -558,11 +561,13 @@ class Qcow2Image(BlockDevice):
         """qemu 1.1: qcow2_alloc_cluster_link_l2(): COW head and tail, then point L2 at the new clusters."""
         cs = self.cluster_size
         start = m.offset & ~(cs - 1)
+        # zeros need not be written into clusters that never held data (qemu 7: handle_alloc_space)
+        alloc_end = m.alloc_offset + m.nb_clusters * cs if m.fresh else 0
         if m.n_start:
-            await self._copy_range(start, m.alloc_offset, 0, m.n_start)
+            await self._copy_range(start, m.alloc_offset, 0, m.n_start, alloc_end)
         if m.nb_available & (cs - 1):
             end = m.nb_available & ~(cs - 1)
-            await self._copy_range(start + end, m.alloc_offset + end, m.nb_available - end, cs)
+            await self._copy_range(start + end, m.alloc_offset + end, m.nb_available - end, cs, alloc_end)
         await self.events.fire("l2_update")
         table, l2_index = await self._get_cluster_table(m.offset)
         bitmap = EXTL2_ALL_ALLOCATED if self.extended_l2 else 0
@@ -575,13 +580,15 @@ class Qcow2Image(BlockDevice):
     def _l2_offset(self, pos: int) -> int:
         return self.l1[pos >> self.l1_shift] & fmt.L1E_OFFSET_MASK
 
-    async def _copy_range(self, guest_start: int, host_start: int, n_start: int, n_end: int) -> None:
-        """qemu 1.1: copy_sectors(): read the guest view, write it to the new host location."""
+    async def _copy_range(self, guest_start: int, host_start: int, n_start: int, n_end: int,
+                          fresh_end: int = 0) -> None:
+        """qemu 1.1: copy_sectors(): read the guest view, write it to the new host location.
+        Zeros bound for fresh clusters (below ``fresh_end``) are not written."""
         if n_end <= n_start:
             return
-        await self._unlocked(self._copy_unlocked, guest_start, host_start, n_start, n_end)
+        await self._unlocked(self._copy_unlocked, guest_start, host_start, n_start, n_end, fresh_end)
 
-    async def _copy_unlocked(self, guest_start, host_start, n_start, n_end):
+    async def _copy_unlocked(self, guest_start, host_start, n_start, n_end, fresh_end):
         await self.events.fire("cow_read")
         buf = bytearray(n_end - n_start)
         lo = guest_start + n_start
@@ -589,6 +596,8 @@ class Qcow2Image(BlockDevice):
         if inside:
             await self._read_into(lo, memoryview(buf)[:inside])
         await self.events.fire("cow_write")
+        if host_start + n_end <= fresh_end and buf.count(0) == len(buf):
+            return
         os.pwrite(self.fd, buf, host_start + n_start)
 
     def _run_dependent_requests(self, m: L2Meta) -> None:
