@@ -49,11 +49,12 @@ class ReplyEncoder:
         if encoder is None:
             raise LocalProtocolError(f"not a reply event: {event!r}")
         chunk_type, payload, done = encoder(event, command)
+        parts = payload if isinstance(payload, list) else [payload]   # joined once: no extra copy of read data
         if done:
             self._finish(event.cookie)
         header = _CHUNK.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE if done else 0, chunk_type,
-                             event.cookie, len(payload))
-        return header + payload
+                             event.cookie, sum(map(len, parts)))
+        return b"".join([header, *parts])
 
     def _simple(self, event: SimpleReply, command: int, length: int) -> bytes:
         if self.structured and command == Command.READ:
@@ -69,7 +70,7 @@ class ReplyEncoder:
 def _offset_data(event: OffsetData, command):
     if command != Command.READ or not event.data:
         raise LocalProtocolError("OFFSET_DATA needs a READ and at least one byte")
-    return ChunkType.OFFSET_DATA, _OFFSET.pack(event.offset) + event.data, event.done
+    return ChunkType.OFFSET_DATA, [_OFFSET.pack(event.offset), event.data], event.done
 
 
 def _offset_hole(event: OffsetHole, command):
