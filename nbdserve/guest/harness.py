@@ -136,23 +136,25 @@ FILE_LINE = re.compile(r"^@@FILE (\S+) (.+): (OK|FAILED.*)$")
 
 
 def parse_console(text: str) -> dict:
-    """The @@ lines of the guest's serial console."""
-    files, corrupted, errors, phases = 0, [], [], []
+    """The @@ lines of the guest's serial console.  A file checked several times (after each
+    generation) counts once, as corrupted if any check failed."""
+    status: dict[str, bool] = {}         # "<package> <path>" -> intact in every check so far
+    errors, phases = [], []
     summary = None
     for line in text.splitlines():
         line = line.strip()
         m = FILE_LINE.match(line)
         if m:
-            files += 1
-            if m.group(3) != "OK":
-                corrupted.append(f"{m.group(1)} {m.group(2)}")
+            name = f"{m.group(1)} {m.group(2)}"
+            status[name] = status.get(name, True) and m.group(3) == "OK"
         elif line.startswith("@@ERROR"):
             errors.append(line[len("@@ERROR "):])
         elif line.startswith("@@PHASE "):
             phases.append(line[len("@@PHASE "):])
         elif line.startswith("@@SUMMARY"):
             summary = dict(kv.split("=", 1) for kv in line.split()[1:])
-    return {"files": files, "corrupted": corrupted, "errors": errors, "phases": phases,
+    corrupted = [name for name, ok in status.items() if not ok]
+    return {"files": len(status), "corrupted": corrupted, "errors": errors, "phases": phases,
             "summary": summary}
 
 

@@ -131,17 +131,21 @@ check() {  # $1 = package name (or "base"), $2 = md5sums file
   md5sum -c "$2" 2>&1 | while read line; do echo "@@FILE $1 $line"; done
   cd /
 }
+verify() {  # from the disk, not the page cache: every file of packages "$@" and the base tree
+  sync
+  echo 3 > /proc/sys/vm/drop_caches
+  umount "$mnt" || echo "@@ERROR umount"
+  mount -t ext4 "$dev" "$mnt" || { echo "@@ERROR remount"; exit 1; }
+  for p in "$@"; do check $p /tmp/ctl/$p/md5sums; done > /tmp/results
+  check base /tmp/base.md5sums >> /tmp/results
+  grep -E ': (OK|FAILED.*)$' /tmp/results | tee -a /tmp/all-results
+}
 """
 
-SCRIPT_TAIL = r"""echo 3 > /proc/sys/vm/drop_caches
-umount "$mnt" || echo "@@ERROR umount"
-mount -t ext4 "$dev" "$mnt" || { echo "@@ERROR remount"; exit 1; }
-echo "@@PHASE verify"
-for p in $INSTALLED; do check $p /tmp/ctl/$p/md5sums; done > /tmp/results
-check base /tmp/base.md5sums >> /tmp/results
-grep -E ': (OK|FAILED.*)$' /tmp/results
-checked=$(grep -cE ': (OK|FAILED.*)$' /tmp/results)
-failed=$(grep -cE ': FAILED' /tmp/results)
+SCRIPT_TAIL = r"""echo "@@PHASE verify"
+verify $INSTALLED
+checked=$(sort -u /tmp/all-results | sed 's/: [A-Z].*//' | sort -u | wc -l)
+failed=$(grep ': FAILED' /tmp/all-results | sed 's/: [A-Z].*//' | sort -u | wc -l)
 echo "@@SUMMARY checked=$checked failed=$failed"
 """
 
@@ -150,15 +154,18 @@ def workload_script(generations: list[list[str]]) -> tuple[str, list[str]]:
     """The guest script for ``generations`` of packages, and the packages installed at the end.
 
     Generation 0 is installed; then per later generation: every other installed package
-    (the oldest first) is removed and its blocks discarded, and the generation installed."""
+    (the oldest first) is removed and its blocks discarded, and the generation installed.
+    After each generation the installed files are checked from the disk (as dpkg's users
+    did between upgrades), so a file damaged and removed later is still counted."""
     lines = [SCRIPT_HEAD, 'echo "@@PHASE install 0"', "install " + " ".join(generations[0])]
     installed = list(generations[0])
     for g, packages in enumerate(generations[1:], 1):
         gone = installed[::2]
         installed = [p for p in installed if p not in gone]
-        lines += [f'echo "@@PHASE remove {g}"', "remove " + " ".join(gone),
-                  f'echo "@@PHASE upgrade {g}"', "install " + " ".join(packages)]
         installed += packages
+        lines += [f'echo "@@PHASE remove {g}"', "remove " + " ".join(gone),
+                  f'echo "@@PHASE upgrade {g}"', "install " + " ".join(packages),
+                  f'echo "@@PHASE check {g}"', "verify " + " ".join(installed)]
     lines += [f'INSTALLED="{" ".join(installed)}"', SCRIPT_TAIL]
     return "\n".join(lines), installed
 
