@@ -32,10 +32,10 @@ is planted: both allocators see the very same guest, images, workload and delays
   ``nb_available`` then leaves an unaligned tail, and the tail COW writes stale guest data
   into the host cluster after the new ones, which belongs to another file (iotest 047),
   or into a cluster that a concurrent write is filling (Kevin Wolf's race);
-* every generation (remove, discard, upgrade) gives a few such writes; six generations
-  give enough that a run without a corrupted file is rare.  ``delays`` (default
-  ``cow_write=0.02``, the slow host storage of 2012) widens the race window for both
-  allocators alike.
+* every generation (remove, discard, upgrade) gives a few such writes, and the files are
+  checked from disk after each one; eight generations (the default) make a run without
+  a corrupted file rare.  ``delays`` (default ``cow_write=0.02``, the slow host storage of
+  2012) widens the race window for both allocators alike.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ ARCHIVES = "var/cache/apt/archives"
 
 @dataclass(frozen=True)
 class WorkloadSpec:
-    generations: int = 6           # generation 0 installed, each later one after a removal
+    generations: int = 8           # generation 0 installed, each later one after a removal
     packages_per_generation: int = 6
     files_per_package: int = 5
     min_file: int = 96 << 10
