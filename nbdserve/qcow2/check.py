@@ -259,8 +259,7 @@ class _Checker:
         """Write one refcount in place (its refcount block exists: stored value > 0 or a block)."""
         if not hasattr(self, "_writer"):
             self._writer = Refcounts(self.fd, self.cb, self.h.refcount_order, list(self.reftable),
-                                     lambda event: None)
-            self._writer.table_offset = self.h.refcount_table_offset
+                                     self.h.refcount_table_offset, lambda event: None)
         self._writer.set(cluster, value)
         self._block(cluster >> self.block_bits)[cluster & (self.block_entries - 1)] = value
 

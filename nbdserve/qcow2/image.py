@@ -126,9 +126,8 @@ class Qcow2Image(BlockDevice):
         self.l1_dirty: set[int] = set()
         raw_rt = os.pread(fd, header.refcount_table_clusters * cs, header.refcount_table_offset)
         self.refcounts = Refcounts(fd, self.cluster_bits, header.refcount_order,
-                                   list(decode_table(raw_rt)), self.events.fire_sync)
-        self.refcounts.table_offset = header.refcount_table_offset
-        self.refcounts.on_table_moved = self._refcount_table_moved
+                                   list(decode_table(raw_rt)), header.refcount_table_offset,
+                                   self.events.fire_sync, self._refcount_table_moved)
         self.l2cache = L2Cache(fd, cs, L2_CACHE_BYTES // cs, self._write_back_metadata_sync)
         self.lock = trio.Lock()
         self.cluster_allocs: list[L2Meta] = []

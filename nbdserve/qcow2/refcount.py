@@ -38,7 +38,9 @@ class Refcounts:
     """The refcount table and a bounded cache of decoded refcount blocks."""
 
     def __init__(self, fd: int, cluster_bits: int, refcount_order: int, table: list[int],
-                 on_event: Callable[[str], None], max_cached_blocks: int = 256):
+                 table_offset: int, on_event: Callable[[str], None],
+                 on_table_moved: Callable[[int, int], None] = lambda offset, clusters: None,
+                 max_cached_blocks: int = 256):
         self.fd = fd
         self.cluster_bits = cluster_bits
         self.cluster_size = 1 << cluster_bits
@@ -47,12 +49,13 @@ class Refcounts:
         self.block_entries_bits = cluster_bits + 3 - refcount_order
         self.block_entries = 1 << self.block_entries_bits
         self.table = table
+        self.table_offset = table_offset
         self.blocks: OrderedDict[int, array] = OrderedDict()
         self.max_cached_blocks = max_cached_blocks
         self.free_cluster_index = 0
         self.end_cluster = 0           # one past the highest cluster ever allocated here
         self.on_event = on_event
-        self.on_table_moved: Callable[[int, int], None] = lambda offset, clusters: None
+        self.on_table_moved = on_table_moved   # header update once a grown table is durable
 
     # -- reading
     def _block(self, ti: int) -> array | None:
@@ -208,8 +211,6 @@ class Refcounts:
                 if v:
                     raw[i // per_byte] |= v << ((i % per_byte) * self.bits)
             os.pwrite(self.fd, bytes(raw), offset)
-
-    table_offset: int = 0
 
     def _grow_table(self, min_ti: int) -> None:
         """Move the refcount table to the end of the image, bigger (qemu: refcount table growth).
