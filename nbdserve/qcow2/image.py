@@ -679,13 +679,11 @@ class Qcow2Image(BlockDevice):
         tail_start = max(head_end, last << self.cluster_bits)
         partial = [(offset, head_end - offset), (tail_start, offset + length - tail_start)]
         partial = [(o, n) for o, n in partial if n > 0]
-        if fast:
-            for o, n in partial:
-                if any(await self.pread(o, n)):
-                    raise OSError(errno.ENOTSUP, "unaligned zeroing would need a write")
-        for o, n in partial:
-            if any(await self.pread(o, n)):
-                await self.pwrite(o, bytes(n))
+        nonzero = [(o, n) for o, n in partial if any(await self.pread(o, n))]
+        if fast and nonzero:
+            raise OSError(errno.ENOTSUP, "unaligned zeroing would need a write")
+        for o, n in nonzero:
+            await self.pwrite(o, bytes(n))
 
         zero_entry = self._zero_entry()
 
