@@ -409,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--delay", action="append", metavar="EVENT=SECONDS",
                    help="sleep at this blkdebug event (repeatable), e.g. cow_read=0.5")
     s.add_argument("--description", metavar="TEXT", help="export description shown to clients")
-    s.add_argument("-v", "--verbose", action="store_true", help="log connections and requests")
+    s.add_argument("-v", "--verbose", action="store_true", help="also log every request (connections are always logged)")
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="create the demo backing chain under conf/demo/ and serve it")
