@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .config import (
-    ALLOCATORS, DEFAULT_PORT, FORMATS, ConfigError, ExportConfig, ServerConfig,
+    ALLOCATORS, DEFAULT_PORT, FORMATS, TLS_MODES, ConfigError, ExportConfig, ServerConfig, TlsConfig,
     check_delays, load_config,
 )
 
@@ -111,8 +111,10 @@ def parse_create_options(texts: list[str]) -> dict[str, object]:
 # -- URIs ---------------------------------------------------------------------------------------
 
 def export_uris(config: ServerConfig, export: ExportConfig) -> list[str]:
-    """The URIs a client uses to reach ``export``: nbd:// for TCP, nbd+unix:// for the socket."""
+    """The URIs a client uses to reach ``export``: nbd:// for TCP, nbd+unix:// for the socket
+    (nbds://, nbds+unix:// when TLS is required, as libnbd spells them)."""
     name = quote(export.name, safe="")
+    scheme = "nbds" if config.tls is not None and config.tls.mode == "require" else "nbd"
     uris = []
     if config.bind is not None:
         host = config.bind
@@ -123,9 +125,9 @@ def export_uris(config: ServerConfig, export: ExportConfig) -> list[str]:
                 host = f"[{host}]"
         except ValueError:
             pass  # a host name
-        uris.append(f"nbd://{host}:{config.port}/{name}")
+        uris.append(f"{scheme}://{host}:{config.port}/{name}")
     if config.unix_socket is not None:
-        uris.append(f"nbd+unix:///{name}?socket={quote(config.unix_socket, safe='/')}")
+        uris.append(f"{scheme}+unix:///{name}?socket={quote(config.unix_socket, safe='/')}")
     return uris
 
 
@@ -172,8 +174,14 @@ def run(config: ServerConfig) -> int:
     try:
         import trio
         from .server import run_server
+        from .server.tls import TlsSetupError, server_context
     except ImportError as e:
         raise CliError(f"the NBD server is not available in this build ({e})") from None
+    if config.tls is not None and config.tls.mode != "off":
+        try:
+            server_context(config.tls)   # refuse unusable TLS files before listening
+        except TlsSetupError as e:
+            raise CliError(str(e)) from None
 
     setup_logging(config.verbose)
 
@@ -203,7 +211,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         given = [flag for flag, value in (
             ("-x", args.export_name), ("-b", args.bind), ("-p", args.port), ("-k", args.socket),
             ("-r", args.read_only or None), ("-f", args.format), ("--allocator", args.allocator),
-            ("--delay", args.delay or None), ("--description", args.description)) if value is not None]
+            ("--delay", args.delay or None), ("--description", args.description), ("--tls", args.tls),
+            ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--tls-ca", args.tls_ca))
+            if value is not None]
         if given:
             raise CliError(f"serve: {', '.join(given)} cannot be combined with --config "
                            "(set them in the config file)", EXIT_USAGE)
@@ -243,7 +253,23 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         config.bind = args.bind
     if args.port is not None:
         config.port = args.port
+    config.tls = tls_from_args(args)
     return config
+
+
+def tls_from_args(args: argparse.Namespace) -> TlsConfig | None:
+    """--tls-cert/--tls-key[/--tls-ca] [--tls require|on|off]: TLS is required unless --tls says otherwise."""
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_ca is not None:
+            raise CliError("serve: --tls-ca needs --tls-cert and --tls-key", EXIT_USAGE)
+        if args.tls in ("on", "require"):
+            raise CliError(f"serve: --tls {args.tls} needs --tls-cert and --tls-key", EXIT_USAGE)
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise CliError("serve: --tls-cert and --tls-key go together", EXIT_USAGE)
+    return TlsConfig(cert=os.path.abspath(args.tls_cert), key=os.path.abspath(args.tls_key),
+                     ca=os.path.abspath(args.tls_ca) if args.tls_ca is not None else None,
+                     mode=args.tls or "require")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -410,6 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sleep at this blkdebug event (repeatable), e.g. cow_read=0.5")
     s.add_argument("--description", metavar="TEXT", help="export description shown to clients")
     s.add_argument("-v", "--verbose", action="store_true", help="also log every request (connections are always logged)")
+    s.add_argument("--tls-cert", metavar="FILE", help="TLS: the server's certificate (PEM)")
+    s.add_argument("--tls-key", metavar="FILE", help="TLS: the certificate's private key (PEM)")
+    s.add_argument("--tls-ca", metavar="FILE",
+                   help="TLS: accept only clients with a certificate this CA (PEM) signed")
+    s.add_argument("--tls", choices=TLS_MODES,
+                   help="require (default with --tls-cert): plain clients refused; on: TLS offered; off")
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="create the demo backing chain under conf/demo/ and serve it")

@@ -9,6 +9,7 @@ The TOML file (see ``conf/nbdserve.example.toml``)::
     verbose = false
     handshake_timeout = 10.0
     max_connections = 1000
+    tls = { cert = "server-cert.pem", key = "server-key.pem", ca = "ca-cert.pem", mode = "require" }
 
     [[export]]
     name = "disk"
@@ -35,6 +36,7 @@ DEFAULT_PORT = 10809
 
 ALLOCATORS = ("fixed", "qemu-1.1.2")
 FORMATS = ("qcow2", "raw")
+TLS_MODES = ("require", "on", "off")   # nbdkit --tls=require|on|off
 
 
 @dataclass
@@ -49,6 +51,16 @@ class ExportConfig:
 
 
 @dataclass
+class TlsConfig:
+    """NBD_OPT_STARTTLS with these PEM files (absolute paths)."""
+
+    cert: str                       # the server's certificate (chain)
+    key: str                        # its private key, unencrypted
+    ca: str | None = None           # set: clients must present a certificate this CA signed
+    mode: str = "require"           # "require": plain clients refused; "on": TLS offered; "off"
+
+
+@dataclass
 class ServerConfig:
     exports: list[ExportConfig]
     bind: str | None = "127.0.0.1"  # None: no TCP listener
@@ -57,6 +69,7 @@ class ServerConfig:
     verbose: bool = False
     handshake_timeout: float = 10.0
     max_connections: int = 1000
+    tls: TlsConfig | None = None    # None: no TLS (STARTTLS is unsupported)
 
 
 class ConfigError(ValueError):
@@ -160,7 +173,8 @@ def _refuse_unknown(key: str, table: dict[str, Any], known: tuple[str, ...]) -> 
 
 # -- the TOML file ------------------------------------------------------------------------------
 
-SERVER_KEYS = ("bind", "port", "socket", "verbose", "handshake_timeout", "max_connections")
+SERVER_KEYS = ("bind", "port", "socket", "verbose", "handshake_timeout", "max_connections", "tls")
+TLS_KEYS = ("cert", "key", "ca", "mode")
 EXPORT_KEYS = ("name", "image", "format", "read_only", "description", "allocator", "delay")
 
 
@@ -189,6 +203,24 @@ def _parse_export(i: int, table: Any, base: str) -> ExportConfig:
     if "delay" in table:
         export.delays = check_delays(f"{key}.delay", table["delay"])
     return export
+
+
+def _parse_tls(table: Any, base: str) -> TlsConfig:
+    key = "server.tls"
+    if not isinstance(table, dict):
+        raise ConfigError(key, f"expected a table {{ cert = ..., key = ... }}, got {_show(table)}")
+    _refuse_unknown(key, table, TLS_KEYS)
+    paths = {}
+    for name in ("cert", "key"):
+        if name not in table:
+            raise ConfigError(f"{key}.{name}", "missing (TLS needs a certificate and its key)")
+        paths[name] = _resolve(base, check_str(f"{key}.{name}", table[name], nonempty=True))
+    tls = TlsConfig(cert=paths["cert"], key=paths["key"])
+    if "ca" in table:
+        tls.ca = _resolve(base, check_str(f"{key}.ca", table["ca"], nonempty=True))
+    if "mode" in table:
+        tls.mode = check_choice(f"{key}.mode", table["mode"], TLS_MODES)
+    return tls
 
 
 def parse_config(data: dict[str, Any], base_dir: str) -> ServerConfig:
@@ -225,6 +257,8 @@ def parse_config(data: dict[str, Any], base_dir: str) -> ServerConfig:
                                                  server["handshake_timeout"], positive=True)
     if "max_connections" in server:
         config.max_connections = check_int("server.max_connections", server["max_connections"], 1)
+    if "tls" in server:
+        config.tls = _parse_tls(server["tls"], base)
     return config
 
 

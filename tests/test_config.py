@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdserve.config import ConfigError, ExportConfig, ServerConfig, load_config
+from nbdserve.config import ConfigError, ExportConfig, ServerConfig, TlsConfig, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -93,6 +93,29 @@ def test_socket_with_port_keeps_tcp(tmp_path):
     assert (config.bind, config.port, config.unix_socket) == ("127.0.0.1", 10810, str(tmp_path / "s.sock"))
 
 
+def test_tls_table(tmp_path):
+    path = write(tmp_path, """
+        [server]
+        tls = { cert = "pki/server-cert.pem", key = "/etc/key.pem", ca = "pki/ca-cert.pem", mode = "on" }
+        [[export]]
+        image = "a.raw"
+        """)
+    assert load_config(path).tls == TlsConfig(cert=str(tmp_path / "pki" / "server-cert.pem"), key="/etc/key.pem",
+                                              ca=str(tmp_path / "pki" / "ca-cert.pem"), mode="on")
+
+
+def test_tls_subtable_defaults_to_required_without_client_verification(tmp_path):
+    path = write(tmp_path, """
+        [server.tls]
+        cert = "c.pem"
+        key = "k.pem"
+        [[export]]
+        image = "a.raw"
+        """)
+    assert load_config(path).tls == TlsConfig(cert=str(tmp_path / "c.pem"), key=str(tmp_path / "k.pem"),
+                                              ca=None, mode="require")
+
+
 def test_shipped_configs_load():
     demo = load_config(REPO / "conf" / "demo.toml")
     assert [(e.name, e.read_only) for e in demo.exports] == [("base", True), ("top", False)]
@@ -146,6 +169,17 @@ REFUSALS = [
     ('[[export]]\nimage = "a"\ndelay = { cow_read = inf }\n', "export[0].delay.cow_read", "finite"),
     ('[[export]]\nimage = "a"\ndelay = { "" = 1 }\n', "export[0].delay", "event name must not be empty"),
     ('[[export]]\nimage = "a"\nreadonly = true\n', "export[0].readonly", "unknown key"),
+    ('[server]\ntls = "yes"\n' + GOOD_EXPORT, "server.tls", "expected a table"),
+    ('[server]\ntls = { key = "k.pem" }\n' + GOOD_EXPORT, "server.tls.cert", "missing"),
+    ('[server]\ntls = { cert = "c.pem" }\n' + GOOD_EXPORT, "server.tls.key", "missing"),
+    ('[server]\ntls = { cert = "", key = "k.pem" }\n' + GOOD_EXPORT, "server.tls.cert", "must not be empty"),
+    ('[server]\ntls = { cert = "c.pem", key = 1 }\n' + GOOD_EXPORT, "server.tls.key", "expected a string"),
+    ('[server]\ntls = { cert = "c.pem", key = "k.pem", ca = false }\n' + GOOD_EXPORT, "server.tls.ca",
+     "expected a string"),
+    ('[server]\ntls = { cert = "c.pem", key = "k.pem", mode = "forced" }\n' + GOOD_EXPORT, "server.tls.mode",
+     'expected "require" or "on" or "off", got "forced"'),
+    ('[server]\ntls = { cert = "c.pem", key = "k.pem", verify = true }\n' + GOOD_EXPORT, "server.tls.verify",
+     "unknown key"),
 ]
 
 

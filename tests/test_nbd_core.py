@@ -11,14 +11,15 @@ from hypothesis import strategies as st
 
 from nbdserve.nbd import (NEED_DATA, BlockStatus, Disconnect, ErrorChunk, ExportCatalog, ExportInfo,
                           LocalProtocolError, Negotiated, NoneChunk, OffsetData, OffsetHole, ProtocolError,
-                          Request, ServerConnection, SimpleReply, TransmissionFlag as TF)
+                          Request, ServerConnection, SimpleReply, StartTLS, TlsMode, TransmissionFlag as TF)
 
 NBDMAGIC, IHAVEOPT, REPLY_MAGIC = 0x4E42444D41474943, 0x49484156454F5054, 0x3E889045565A9
 REQ_MAGIC, SIMPLE_MAGIC, CHUNK_MAGIC = 0x25609513, 0x67446698, 0x668E33EF
 OPT = dict(EXPORT_NAME=1, ABORT=2, LIST=3, STARTTLS=5, INFO=6, GO=7, STRUCTURED_REPLY=8,
            LIST_META_CONTEXT=9, SET_META_CONTEXT=10, EXTENDED_HEADERS=11)
 ACK, SERVER, INFO, META = 1, 2, 3, 4
-ERR = dict(UNSUP=2**31 + 1, INVALID=2**31 + 3, UNKNOWN=2**31 + 6, TOO_BIG=2**31 + 9)
+ERR = dict(UNSUP=2**31 + 1, POLICY=2**31 + 2, INVALID=2**31 + 3, TLS_REQD=2**31 + 5, UNKNOWN=2**31 + 6,
+           TOO_BIG=2**31 + 9)
 EINVAL, EPERM, ENOSPC, EOVERFLOW = 22, 1, 28, 75
 READ, WRITE, DISC, FLUSH, TRIM, CACHE, WZ, BS = range(8)
 
@@ -62,20 +63,21 @@ def parse_option_replies(data: bytes) -> list[tuple[int, int, bytes]]:
 
 
 def feed(conn: ServerConnection, data: bytes, bytewise: bool = True) -> list:
-    """Feed ``data`` (one byte at a time by default), collecting every event."""
+    """Feed ``data`` (one byte at a time by default), collecting every event; stops at
+    a Disconnect or a StartTLS (after which the core takes no bytes until tls_started())."""
     events = []
     pieces = [data[i:i + 1] for i in range(len(data))] if bytewise else [data][:len(data)]
     for piece in pieces:
         conn.receive_data(piece)
         while (event := conn.next_event()) is not NEED_DATA:
             events.append(event)
-            if isinstance(event, Disconnect):
+            if isinstance(event, (Disconnect, StartTLS)):
                 return events
     return events
 
 
-def handshake(flags: int = 3) -> ServerConnection:
-    conn = ServerConnection(CATALOG)
+def handshake(flags: int = 3, tls_mode: TlsMode = TlsMode.OFF) -> ServerConnection:
+    conn = ServerConnection(CATALOG, tls_mode=tls_mode)
     assert conn.data_to_send() == struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 3)
     assert feed(conn, struct.pack(">I", flags)) == []
     return conn
@@ -278,6 +280,154 @@ def test_eof_between_and_inside_options():
     conn.receive_data(b"")
     with pytest.raises(ProtocolError):
         conn.next_event()
+
+
+# -- STARTTLS (proto.md: "NBD_OPT_STARTTLS", "TLS support")
+def start_tls(conn: ServerConnection) -> None:
+    """Send NBD_OPT_STARTTLS, check the ACK and the StartTLS event, and finish the upgrade
+    as a transport would: the ACK leaves in the clear, then tls_started()."""
+    assert feed(conn, option(OPT["STARTTLS"])) == [StartTLS()]
+    assert parse_option_replies(conn.data_to_send()) == [(OPT["STARTTLS"], ACK, b"")]
+    assert conn.next_event() == StartTLS()          # until the transport says it is done
+    with pytest.raises(LocalProtocolError):         # no plain bytes during the upgrade
+        conn.receive_data(b"x")
+    conn.tls_started()
+
+
+@pytest.mark.parametrize("opt, payload", [("LIST", b""), ("INFO", info_payload("disk")), ("GO", info_payload("disk")),
+                                          ("STRUCTURED_REPLY", b""), ("LIST_META_CONTEXT", meta_payload("disk")),
+                                          ("EXTENDED_HEADERS", b""), (0xDEAD, b"x")])
+def test_tls_required_refuses_options_before_starttls(opt, payload):
+    conn = handshake(tls_mode=TlsMode.REQUIRE)
+    code = OPT.get(opt, opt)
+    assert feed(conn, option(code, payload)) == []
+    [(echoed, reply_type, message)] = parse_option_replies(conn.data_to_send())
+    assert (echoed, reply_type) == (code, ERR["TLS_REQD"]) and b"STARTTLS" in message
+    assert conn.tls_refused
+
+
+def test_tls_required_export_name_closes_without_reply():
+    conn = handshake(tls_mode=TlsMode.REQUIRE)
+    [event] = feed(conn, option(OPT["EXPORT_NAME"], b"disk"))
+    assert isinstance(event, Disconnect) and "TLS" in event.reason
+    assert conn.data_to_send() == b"" and conn.tls_refused
+
+
+def test_tls_required_abort_still_acks():
+    conn = handshake(tls_mode=TlsMode.REQUIRE)
+    assert feed(conn, option(OPT["ABORT"])) == [Disconnect("abort")]
+    assert parse_option_replies(conn.data_to_send()) == [(OPT["ABORT"], ACK, b"")]
+    assert not conn.tls_refused
+
+
+def test_tls_required_oversized_option_gets_tls_reqd():
+    conn = handshake(tls_mode=TlsMode.REQUIRE)
+    feed(conn, struct.pack(">QII", IHAVEOPT, OPT["GO"], 100_000) + bytes(100_000), bytewise=False)
+    assert [r[1] for r in parse_option_replies(conn.data_to_send())] == [ERR["TLS_REQD"]]
+    start_tls(conn)
+    feed(conn, struct.pack(">QII", IHAVEOPT, OPT["GO"], 100_000) + bytes(100_000), bytewise=False)
+    assert [r[1] for r in parse_option_replies(conn.data_to_send())] == [ERR["TOO_BIG"]]
+
+
+@pytest.mark.parametrize("tls_mode", [TlsMode.REQUIRE, TlsMode.ON])
+@pytest.mark.parametrize("client_flags, zeroes", [(3, b""), (1, bytes(124))])
+def test_options_after_starttls(tls_mode, client_flags, zeroes):
+    conn = handshake(client_flags, tls_mode)
+    start_tls(conn)
+    feed(conn, option(OPT["LIST"]))
+    assert [r[1] for r in parse_option_replies(conn.data_to_send())] == [SERVER, SERVER, ACK]
+    # a second STARTTLS inside TLS is invalid ("FORCEDTLS mode"), and changes nothing
+    assert feed(conn, option(OPT["STARTTLS"])) == []
+    assert [r[1] for r in parse_option_replies(conn.data_to_send())] == [ERR["INVALID"]]
+    # the client flags (C_NO_ZEROES) still hold after the upgrade
+    [negotiated] = feed(conn, option(OPT["EXPORT_NAME"], b"disk"))
+    assert isinstance(negotiated, Negotiated) and negotiated.tls and not conn.tls_refused
+    assert negotiated.options == ("STARTTLS", "LIST", "STARTTLS", "EXPORT_NAME")
+    assert conn.data_to_send() == struct.pack(">QH", 1 << 20, int(RW_FLAGS & ~TF.SEND_DF)) + zeroes
+    assert feed(conn, request(READ, 0, 512)) == [Request(7, READ, 0, 0, 512)]
+
+
+def test_starttls_forgets_structured_replies_and_meta_contexts():
+    conn = handshake(tls_mode=TlsMode.ON)
+    feed(conn, option(OPT["STRUCTURED_REPLY"])
+         + option(OPT["SET_META_CONTEXT"], meta_payload("disk", "base:allocation")))
+    assert [r[1] for r in parse_option_replies(conn.data_to_send())] == [ACK, META, ACK]
+    start_tls(conn)
+    # "the server MUST NOT preserve any negotiation state ... issued before this command"
+    feed(conn, option(OPT["SET_META_CONTEXT"], meta_payload("disk", "base:allocation")))
+    assert [r[1] for r in parse_option_replies(conn.data_to_send())] == [ERR["INVALID"]]
+    [negotiated] = feed(conn, option(OPT["GO"], info_payload("disk")))
+    assert negotiated.tls and not negotiated.structured_replies and negotiated.meta_contexts == {}
+    assert not negotiated.flags & TF.SEND_DF
+
+
+def test_structured_replies_negotiated_inside_tls_count():
+    conn = handshake(tls_mode=TlsMode.REQUIRE)
+    start_tls(conn)
+    feed(conn, option(OPT["STRUCTURED_REPLY"])
+         + option(OPT["SET_META_CONTEXT"], meta_payload("disk", "base:allocation")))
+    [negotiated] = feed(conn, option(OPT["GO"], info_payload("disk")))
+    assert negotiated.structured_replies and negotiated.meta_contexts == {1: "base:allocation"}
+
+
+def test_tls_on_serves_plain_clients():
+    conn = handshake(tls_mode=TlsMode.ON)
+    [negotiated] = feed(conn, option(OPT["GO"], info_payload("disk")))
+    assert isinstance(negotiated, Negotiated) and not negotiated.tls
+    assert parse_option_replies(conn.data_to_send())[-1] == (OPT["GO"], ACK, b"")
+
+
+@pytest.mark.parametrize("tls_mode", [TlsMode.REQUIRE, TlsMode.ON])
+def test_starttls_with_data_is_invalid(tls_mode):
+    conn = handshake(tls_mode=tls_mode)
+    assert feed(conn, option(OPT["STARTTLS"], b"x")) == []
+    assert [r[1] for r in parse_option_replies(conn.data_to_send())] == [ERR["INVALID"]]
+    start_tls(conn)   # still possible afterwards
+
+
+def test_starttls_needs_fixed_newstyle():
+    # proto.md: "The server MUST operate in NOTLS mode unless ... NBD_FLAG_C_FIXED_NEWSTYLE"
+    conn = handshake(flags=0, tls_mode=TlsMode.REQUIRE)
+    feed(conn, option(OPT["STARTTLS"]) + option(OPT["LIST"]))
+    assert [r[1] for r in parse_option_replies(conn.data_to_send())] == [ERR["POLICY"], ERR["POLICY"]]
+    [event] = feed(conn, option(OPT["EXPORT_NAME"], b"disk"))
+    assert isinstance(event, Disconnect)
+
+
+def test_bytes_pipelined_after_starttls_are_refused():
+    conn = handshake(tls_mode=TlsMode.REQUIRE)
+    conn.receive_data(option(OPT["STARTTLS"]) + b"\x16\x03\x01")   # a TLS hello before the ACK
+    with pytest.raises(ProtocolError, match="after NBD_OPT_STARTTLS"):
+        conn.next_event()
+    assert conn.data_to_send() == b""   # no ACK: the transport closes
+
+
+def test_tls_started_only_after_starttls():
+    conn = handshake(tls_mode=TlsMode.REQUIRE)
+    with pytest.raises(LocalProtocolError):
+        conn.tls_started()
+    start_tls(conn)
+    with pytest.raises(LocalProtocolError):
+        conn.tls_started()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.sampled_from([TlsMode.REQUIRE, TlsMode.ON]), st.booleans())
+def test_random_bytes_around_starttls_raise_only_protocol_error(data, tls_mode, starttls_first):
+    conn = handshake(tls_mode=tls_mode)
+    data = (option(OPT["STARTTLS"]) if starttls_first else b"") + data
+    try:
+        for piece in (data[:16], data[16:], b""):
+            conn.receive_data(piece)
+            while (event := conn.next_event()) is not NEED_DATA and not isinstance(event, Disconnect):
+                if isinstance(event, StartTLS):
+                    conn.tls_started()   # what the transport does once the TLS handshake is over
+                elif isinstance(event, Negotiated):
+                    assert event.tls or tls_mode is TlsMode.ON
+            if isinstance(event, Disconnect):
+                break
+    except ProtocolError:
+        pass
 
 
 # -- transmission

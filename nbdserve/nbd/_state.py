@@ -16,6 +16,7 @@ class State(Enum):
     AWAIT_OPTION = auto()         # 16-byte option request header due
     OPTION_PAYLOAD = auto()       # option data (bounded) due
     OPTION_DISCARD = auto()       # dropping an oversized option's data
+    TLS_UPGRADE = auto()          # STARTTLS acknowledged: the transport runs the TLS handshake
     AWAIT_REQUEST = auto()        # 28-byte request header due (transmission)
     WRITE_PAYLOAD = auto()        # NBD_CMD_WRITE data due
     WRITE_DISCARD = auto()        # dropping the data of a refused write
@@ -29,6 +30,8 @@ class Trigger(Enum):
     OPTION_TOO_BIG = auto()
     OPTION_DONE = auto()
     GO = auto()                   # NBD_OPT_GO ACK / NBD_OPT_EXPORT_NAME reply sent
+    START_TLS = auto()            # NBD_REP_ACK to NBD_OPT_STARTTLS queued
+    TLS_STARTED = auto()          # the transport finished the TLS handshake
     REQUEST_DONE = auto()
     WRITE_HEADER = auto()
     WRITE_REFUSED = auto()
@@ -40,8 +43,9 @@ S, T = State, Trigger
 TRANSITIONS: dict[State, dict[Trigger, State]] = {
     S.AWAIT_CLIENT_FLAGS: {T.FLAGS_OK: S.AWAIT_OPTION},
     S.AWAIT_OPTION: {T.OPTION_HEADER: S.OPTION_PAYLOAD, T.OPTION_TOO_BIG: S.OPTION_DISCARD},
-    S.OPTION_PAYLOAD: {T.OPTION_DONE: S.AWAIT_OPTION, T.GO: S.AWAIT_REQUEST},
+    S.OPTION_PAYLOAD: {T.OPTION_DONE: S.AWAIT_OPTION, T.GO: S.AWAIT_REQUEST, T.START_TLS: S.TLS_UPGRADE},
     S.OPTION_DISCARD: {T.OPTION_DONE: S.AWAIT_OPTION},
+    S.TLS_UPGRADE: {T.TLS_STARTED: S.AWAIT_OPTION},
     S.AWAIT_REQUEST: {T.REQUEST_DONE: S.AWAIT_REQUEST, T.WRITE_HEADER: S.WRITE_PAYLOAD,
                       T.WRITE_REFUSED: S.WRITE_DISCARD},
     S.WRITE_PAYLOAD: {T.REQUEST_DONE: S.AWAIT_REQUEST},

@@ -6,6 +6,10 @@
     event = conn.next_event()                   # an event or NEED_DATA
     sock.send(conn.data_to_send())              # option replies, during haggling
     sock.send(conn.send(SimpleReply(...)))      # replies, during transmission
+
+With ``tls_mode`` ON or REQUIRE, ``next_event`` can return StartTLS: send
+``data_to_send()``, wrap the socket in TLS, then ``conn.tls_started()`` and go on
+feeding the decrypted bytes.
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ from ._state import EOF_IS_CLEAN, TRANSMISSION, State, StateMachine, Trigger
 from .constants import (IHAVEOPT, REQUEST_MAGIC, ClientFlag, Command, CommandFlag, Errno, HandshakeFlag,
                         Option)
 from .errors import LocalProtocolError, ProtocolError
-from .events import NEED_DATA, Disconnect, Negotiated, Request
+from .events import NEED_DATA, Disconnect, Negotiated, Request, StartTLS
 from .exports import ExportCatalog, ExportInfo
-from .options import Negotiation, OptionOutcome
+from .options import Negotiation, OptionOutcome, TlsMode
 from .replies import ReplyEncoder
 from .requests import check_request
 
@@ -26,9 +30,10 @@ SERVER_HANDSHAKE_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
 
 
 class ServerConnection:
-    def __init__(self, catalog: ExportCatalog, *, max_option_length: int = MAX_OPTION_LENGTH):
+    def __init__(self, catalog: ExportCatalog, *, max_option_length: int = MAX_OPTION_LENGTH,
+                 tls_mode: TlsMode = TlsMode.OFF):
         self._machine = StateMachine()
-        self._negotiation = Negotiation(catalog)
+        self._negotiation = Negotiation(catalog, tls_mode=tls_mode)
         self._max_option_length = max_option_length
         self._buffer = bytearray()
         self._eof = False
@@ -48,6 +53,11 @@ class ServerConnection:
         return self._machine.state
 
     @property
+    def tls_refused(self) -> bool:
+        """An option was refused (or EXPORT_NAME closed) because TLS is required, and TLS never started."""
+        return self._negotiation.tls_refused and not self._negotiation.tls
+
+    @property
     def buffered_bytes(self) -> int:
         """Bytes received and not yet consumed (bounded; see MAX_OPTION_LENGTH)."""
         return len(self._buffer)
@@ -56,6 +66,8 @@ class ServerConnection:
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         if self._eof:
             raise LocalProtocolError("receive_data after EOF")
+        if self.state == State.TLS_UPGRADE:
+            raise LocalProtocolError("receive_data during the TLS upgrade: call tls_started() first")
         if not data:
             self._eof = True
         elif self.state != State.CLOSED:   # proto.md: nothing may follow NBD_CMD_DISC; ignore it
@@ -73,6 +85,10 @@ class ServerConnection:
             self._error = str(e)
             self._machine.fire(Trigger.PROTOCOL_ERROR)
             raise
+
+    def tls_started(self) -> None:
+        """The transport finished the TLS handshake that StartTLS asked for."""
+        self._machine.fire(Trigger.TLS_STARTED)
 
     # -- output
     def data_to_send(self) -> bytes:
@@ -148,9 +164,16 @@ class ServerConnection:
         if len(self._buffer) < self._pending:
             return self._need(self._pending)
         outcome: OptionOutcome = self._negotiation.handle(self._option, self._take(self._pending))
+        if outcome.start_tls and self._buffer:
+            # The client must wait for the ACK before its TLS hello; bytes already here
+            # would be read as plain text after the ACK (proto.md: "FORCEDTLS mode").
+            raise ProtocolError(f"{len(self._buffer)} bytes sent after NBD_OPT_STARTTLS before its reply")
         self._outgoing += outcome.replies
         if outcome.close is not None:
             return self._close(outcome.close)
+        if outcome.start_tls:
+            self._machine.fire(Trigger.START_TLS)
+            return StartTLS()
         if outcome.go is None:
             self._machine.fire(Trigger.OPTION_DONE)
             return None
@@ -161,7 +184,8 @@ class ServerConnection:
         self.export = export
         self.negotiated = Negotiated(export=export, flags=n.export_flags(export),
                                      structured_replies=n.structured_replies,
-                                     meta_contexts=dict(n.meta_contexts), options=tuple(n.options_seen))
+                                     meta_contexts=dict(n.meta_contexts), options=tuple(n.options_seen),
+                                     tls=n.tls)
         self.replies = ReplyEncoder(n.structured_replies)
         self._machine.fire(Trigger.GO)
         return self.negotiated
@@ -205,6 +229,9 @@ class ServerConnection:
             return self._need(self._pending)
         self._machine.fire(Trigger.REQUEST_DONE)
 
+    def _read_tls_upgrade(self):
+        return StartTLS()
+
     def _read_closed(self):
         return self._closed
 
@@ -213,6 +240,7 @@ class ServerConnection:
         State.AWAIT_OPTION: _read_option_header,
         State.OPTION_PAYLOAD: _read_option_payload,
         State.OPTION_DISCARD: _discard_option,
+        State.TLS_UPGRADE: _read_tls_upgrade,
         State.AWAIT_REQUEST: _read_request_header,
         State.WRITE_PAYLOAD: _read_write_payload,
         State.WRITE_DISCARD: _discard_write,

@@ -28,6 +28,16 @@ class Negotiated:
     structured_replies: bool
     meta_contexts: dict[int, str]    # selected context id -> name
     options: tuple[str, ...]         # option names seen, in order (for logging)
+    tls: bool = False                # negotiated (and transmission runs) over TLS
+
+
+@dataclass(frozen=True)
+class StartTLS:
+    """The client sent NBD_OPT_STARTTLS and the core queued NBD_REP_ACK.  The
+    transport must send ``data_to_send()`` (the ACK) in the clear, run the TLS
+    handshake as the server on the same stream, then call ``tls_started()``;
+    every byte after that, both ways, goes through TLS (proto.md: "FORCEDTLS mode").
+    If the handshake fails the session is over: close the connection."""
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
-"""Option haggling (proto.md: "Fixed newstyle negotiation", "Option types")."""
+"""Option haggling (proto.md: "Fixed newstyle negotiation", "Option types", "TLS support")."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 from construct import ConstructError
 
@@ -11,13 +12,22 @@ from .constants import MAX_STRING, ClientFlag, Info, Option, Reply, Transmission
 from .exports import ExportCatalog, ExportInfo
 
 
+class TlsMode(Enum):
+    """The server's TLS policy (proto.md: "Server-side requirements"; nbdkit --tls=off|on|require)."""
+
+    OFF = "off"             # NOTLS: NBD_OPT_STARTTLS is unsupported
+    ON = "on"               # TLS offered, plain clients served too (SELECTIVETLS without TLS-only exports)
+    REQUIRE = "require"     # FORCEDTLS: nothing but STARTTLS and ABORT before TLS
+
+
 @dataclass
 class OptionOutcome:
-    """What an option did: reply bytes, and whether haggling ends."""
+    """What an option did: reply bytes, and whether haggling ends or TLS starts."""
 
     replies: bytes
     go: ExportInfo | None = None     # enter transmission on this export
     close: str | None = None         # end the session ("abort", "unknown export")
+    start_tls: bool = False          # the replies hold STARTTLS's ACK: TLS starts after them
 
 
 def option_name(option: int) -> str:
@@ -51,6 +61,9 @@ class Negotiation:
     """The per-connection negotiated state."""
 
     catalog: ExportCatalog
+    tls_mode: TlsMode = TlsMode.OFF
+    tls: bool = False                               # STARTTLS acknowledged
+    tls_refused: bool = False                       # an option was refused because TLS had not started
     client_flags: ClientFlag = ClientFlag(0)
     structured_replies: bool = False
     meta_export: str | None = None                  # export SET_META_CONTEXT named
@@ -65,14 +78,35 @@ class Negotiation:
 
     def handle(self, option: int, payload: bytes) -> OptionOutcome:
         self.options_seen.append(option_name(option))
+        refusal = self._tls_refusal(option)
+        if refusal is not None:
+            return refusal
         handler = _HANDLERS.get(option)
-        if handler is None:   # STARTTLS, EXTENDED_HEADERS, PEEK_EXPORT, unknown
-            return OptionOutcome(error_reply(option, Reply.ERR_UNSUP, f"option {option_name(option)} not supported"))
+        if handler is None:   # EXTENDED_HEADERS, PEEK_EXPORT, unknown
+            return _unsupported(option)
         return handler(self, option, payload)
 
     def too_big(self, option: int) -> bytes:
         self.options_seen.append(option_name(option))
+        refusal = self._tls_refusal(option)
+        if refusal is not None:
+            return refusal.replies
         return error_reply(option, Reply.ERR_TOO_BIG, "option data too long")
+
+    def _tls_refusal(self, option: int) -> OptionOutcome | None:
+        """proto.md: "FORCEDTLS mode": before TLS, every option but STARTTLS and ABORT
+        gets NBD_REP_ERR_TLS_REQD, and NBD_OPT_EXPORT_NAME, which cannot fail, ends
+        the session.  A client without C_FIXED_NEWSTYLE cannot have TLS and may not
+        be sent ERR_TLS_REQD ("NOTLS mode"): it gets ERR_POLICY."""
+        if self.tls_mode is not TlsMode.REQUIRE or self.tls or option in (Option.STARTTLS, Option.ABORT):
+            return None
+        self.tls_refused = True
+        if option == Option.EXPORT_NAME:
+            return OptionOutcome(b"", close="NBD_OPT_EXPORT_NAME before TLS (TLS is required)")
+        if not self.client_flags & ClientFlag.C_FIXED_NEWSTYLE:
+            return OptionOutcome(error_reply(option, Reply.ERR_POLICY,
+                                             "TLS is required, and needs fixed newstyle negotiation"))
+        return OptionOutcome(error_reply(option, Reply.ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS"))
 
     # -- handlers, one per option
     def _export_name(self, option, payload):
@@ -88,6 +122,22 @@ class Negotiation:
         if not self.client_flags & ClientFlag.C_NO_ZEROES:
             data += bytes(124)
         return OptionOutcome(data, go=export)
+
+    def _start_tls(self, option, payload):
+        # proto.md: "NBD_OPT_STARTTLS", "FORCEDTLS mode", "SELECTIVETLS mode"
+        if self.tls_mode is TlsMode.OFF:
+            return _unsupported(option)
+        if not self.client_flags & ClientFlag.C_FIXED_NEWSTYLE:   # "TLS requires fixed newstyle"
+            return OptionOutcome(error_reply(option, Reply.ERR_POLICY, "TLS needs fixed newstyle negotiation"))
+        if self.tls:
+            return OptionOutcome(error_reply(option, Reply.ERR_INVALID, "TLS is already active"))
+        if payload:
+            return OptionOutcome(error_reply(option, Reply.ERR_INVALID, "NBD_OPT_STARTTLS takes no data"))
+        # "the server MUST NOT preserve any negotiation state ... issued before this command"
+        self.structured_replies = False
+        self.meta_export, self.meta_contexts = None, {}
+        self.tls = True
+        return OptionOutcome(reply(option, Reply.ACK), start_tls=True)
 
     def _abort(self, option, payload):
         return OptionOutcome(reply(option, Reply.ACK), close="abort")
@@ -158,6 +208,10 @@ class Negotiation:
             self.meta_contexts = {}
 
 
+def _unsupported(option: int) -> OptionOutcome:
+    return OptionOutcome(error_reply(option, Reply.ERR_UNSUP, f"option {option_name(option)} not supported"))
+
+
 def match_contexts(available: tuple[str, ...], queries: list[str], listing: bool) -> list[str]:
     """The contexts a LIST/SET query selects.  An empty leaf ("base:") is a
     wildcard for LIST and selects nothing for SET (proto.md: "The base: metadata
@@ -180,6 +234,7 @@ def match_contexts(available: tuple[str, ...], queries: list[str], listing: bool
 _HANDLERS = {
     Option.EXPORT_NAME: Negotiation._export_name,
     Option.ABORT: Negotiation._abort,
+    Option.STARTTLS: Negotiation._start_tls,
     Option.LIST: Negotiation._list,
     Option.INFO: Negotiation._info_or_go,
     Option.GO: Negotiation._info_or_go,

@@ -14,9 +14,10 @@ import threading
 import trio
 
 from ..config import ServerConfig
-from ..nbd import ExportCatalog
+from ..nbd import ExportCatalog, TlsMode
 from .exports import Export, open_export
 from .session import Session
+from .tls import server_context
 
 log = logging.getLogger("nbdserve.server")
 SHUTDOWN_GRACE = 10.0     # seconds in-flight requests get to finish
@@ -64,6 +65,9 @@ class _Server:
     def __init__(self, config: ServerConfig, exports: dict[str, Export]):
         self.config, self.exports = config, exports
         self.catalog = ExportCatalog([e.info for e in exports.values()])
+        tls = config.tls
+        self.tls_mode = TlsMode(tls.mode) if tls is not None else TlsMode.OFF
+        self.tls_context = server_context(tls) if self.tls_mode is not TlsMode.OFF else None
         self.sessions: set[Session] = set()
 
     async def handle(self, stream) -> None:
@@ -74,7 +78,7 @@ class _Server:
             return
         log.info("%s: connected", peer)
         session = Session(stream, peer, self.exports, self.catalog, self.config.handshake_timeout,
-                          self.config.verbose)
+                          self.config.verbose, self.tls_mode, self.tls_context)
         self.sessions.add(session)
         try:
             await session.run()
@@ -97,7 +101,7 @@ async def run_server(config: ServerConfig, *, task_status=trio.TASK_STATUS_IGNOR
     """Serve ``config.exports`` until SIGTERM/SIGINT (or ``shutdown`` is set).
 
     Reports the bound (host, port) pairs / unix socket paths via task_status.
-    Raises ImageError if an export cannot be opened."""
+    Raises ImageError if an export cannot be opened, TlsSetupError if the TLS files are unusable."""
     _ensure_logging()
     stop = shutdown if shutdown is not None else trio.Event()
     exports: dict[str, Export] = {}

@@ -6,9 +6,10 @@ import logging
 
 import trio
 
-from ..nbd import NEED_DATA, Disconnect, Negotiated, ProtocolError, Request, ServerConnection
+from ..nbd import NEED_DATA, Disconnect, Negotiated, ProtocolError, Request, ServerConnection, StartTLS, TlsMode
 from .commands import execute
 from .exports import Export
+from .tls import TlsHandshakeError, start_tls
 
 log = logging.getLogger("nbdserve.server")
 RECEIVE_SIZE = 256 * 1024
@@ -17,8 +18,11 @@ MAX_IN_FLIGHT = 256          # requests per connection; reading pauses beyond th
 
 class Session:
     def __init__(self, stream: trio.abc.Stream, peer: str, exports: dict[str, Export],
-                 catalog, handshake_timeout: float, verbose: bool):
+                 catalog, handshake_timeout: float, verbose: bool,
+                 tls_mode: TlsMode = TlsMode.OFF, tls_context=None):
+        # ``stream`` becomes a tls.TlsStream once STARTTLS succeeds: use self.stream after the handshake.
         self.stream, self.peer = stream, peer
+        self.tls_mode, self.tls_context = tls_mode, tls_context
         self.exports, self.catalog = exports, catalog
         self.handshake_timeout, self.verbose = handshake_timeout, verbose
         self._stopping = False
@@ -54,7 +58,7 @@ class Session:
             log.info("%s: disconnected", self.peer)
 
     async def _handshake(self) -> tuple[Negotiated | None, ServerConnection | None]:
-        conn = ServerConnection(self.catalog)
+        conn = ServerConnection(self.catalog, tls_mode=self.tls_mode)
         with self._reading_scope(), trio.move_on_after(self.handshake_timeout):
             while True:
                 event = conn.next_event()
@@ -63,13 +67,26 @@ class Session:
                     await self.stream.send_all(out)
                 if event is NEED_DATA:
                     conn.receive_data(await self.stream.receive_some(RECEIVE_SIZE))
+                elif isinstance(event, StartTLS):   # the ACK went out in the clear just above
+                    try:
+                        self.stream = await start_tls(self.stream, self.tls_context)
+                    except TlsHandshakeError as e:
+                        log.warning("%s: TLS handshake failed: %s", self.peer, e)
+                        return None, None
+                    log.info("%s: TLS started: %s", self.peer, self.stream.describe())
+                    conn.tls_started()
                 elif isinstance(event, Disconnect):
-                    log.info("%s: closed during handshake (%s)", self.peer, event.reason)
+                    if conn.tls_refused:
+                        log.warning("%s: refused, TLS is required; closed during handshake (%s)",
+                                    self.peer, event.reason)
+                    else:
+                        log.info("%s: closed during handshake (%s)", self.peer, event.reason)
                     return None, None
                 else:
-                    log.info("%s: export %r, flags %#x, structured replies %s, contexts %s, options %s",
+                    log.info("%s: export %r, flags %#x, structured replies %s, contexts %s, options %s%s",
                              self.peer, event.export.name, event.flags, event.structured_replies,
-                             sorted(event.meta_contexts.values()), ",".join(event.options))
+                             sorted(event.meta_contexts.values()), ",".join(event.options),
+                             ", over TLS" if event.tls else "")
                     return event, conn
         if not self._stopping:
             log.warning("%s: handshake timed out after %s s", self.peer, self.handshake_timeout)
