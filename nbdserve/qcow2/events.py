@@ -28,9 +28,11 @@ EVENTS = (
     "refblock_alloc_switch_table",
     "cluster_alloc", "cluster_free", "flush_to_os", "flush_to_disk",
 )
+# the events fired with ``await fire()``: only these can sleep or stop at a breakpoint
+# (read_aio is never fired; read_compressed and cluster_free fire inside synchronous code)
 ASYNC_EVENTS = frozenset({
-    "l1_update", "l2_update", "l2_alloc_write", "read_aio", "read_backing_aio", "read_compressed",
-    "write_aio", "cow_read", "cow_write", "cluster_alloc", "cluster_free", "flush_to_os", "flush_to_disk",
+    "l1_update", "l2_update", "l2_alloc_write", "read_backing_aio",
+    "write_aio", "cow_read", "cow_write", "cluster_alloc", "flush_to_os", "flush_to_disk",
 })
 
 
