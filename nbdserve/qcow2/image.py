@@ -662,6 +662,9 @@ class Qcow2Image(BlockDevice):
             return (0, 0)
 
         async with self.lock:
+            # an allocating write in flight would point L2 at its new cluster after us, with
+            # the copy-on-write it made of the cluster's old content (as zero() does, wait)
+            await self._wait_in_flight(first, last)
             await self._set_clusters(first, last, discarded)
         if fua:
             await self.flush()
