@@ -92,6 +92,16 @@ class BlockDevice(abc.ABC):
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         raise OSError(errno.EPERM, "device is read-only")
 
+    # -- the synchronous fast path: the transport answers these inline, without a task
+    def read_sparse_now(self, offset: int, length: int) -> list[ReadChunk] | None:
+        """read_sparse() if it can finish without waiting for anything (cached metadata, no
+        backing read that must wait, no debug events armed); None: call read_sparse()."""
+        return None
+
+    def pwrite_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """Write in place if that needs no waiting and no metadata change; False: call pwrite()."""
+        return False
+
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         raise OSError(errno.ENOTSUP, "trim not supported")
 

@@ -53,12 +53,15 @@ class RawFile(BlockDevice):
         return pread_exact(self.fd, offset, length)
 
     async def read_sparse(self, offset, length):
+        return self.read_sparse_now(offset, length)
+
+    def read_sparse_now(self, offset, length):
         """Holes of the file (SEEK_HOLE) come back as zero chunks."""
         check_range(self.size, offset, length)
         chunks: list[ReadChunk] = []
         pos, end = offset, offset + length
         while pos < end:
-            extent = (await self.extents(pos, end - pos))[0]
+            extent = self._extent(pos, end - pos)
             n = extent.length
             data = pread_exact(self.fd, pos, n) if extent.data else None
             chunks.append(ReadChunk(pos, n, data))
@@ -66,12 +69,16 @@ class RawFile(BlockDevice):
         return chunks
 
     async def pwrite(self, offset, data, fua=False):
+        self.pwrite_now(offset, data)
+        if fua:
+            await self.flush()
+
+    def pwrite_now(self, offset, data):
         if self.read_only:
             raise OSError(errno.EPERM, "device is read-only")
         check_range(self.size, offset, len(data))
         os.pwrite(self.fd, data, offset)
-        if fua:
-            await self.flush()
+        return True
 
     async def trim(self, offset, length, fua=False):
         if self.read_only:
@@ -95,6 +102,9 @@ class RawFile(BlockDevice):
             await trio.to_thread.run_sync(os.fsync, self.fd)
 
     async def extents(self, offset, length):
+        return [self._extent(offset, length)]
+
+    def _extent(self, offset: int, length: int) -> Extent:
         check_range(self.size, offset, length)
         end = offset + length
         try:
@@ -104,9 +114,9 @@ class RawFile(BlockDevice):
                 raise
             data_start = self.size  # only a hole remains
         if data_start > offset:
-            return [Extent(min(data_start, end) - offset, data=False, zero=True, depth=1)]
+            return Extent(min(data_start, end) - offset, data=False, zero=True, depth=1)
         hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
-        return [Extent(min(hole, end) - offset, data=True, zero=False, depth=1)]
+        return Extent(min(hole, end) - offset, data=True, zero=False, depth=1)
 
     async def close(self):
         if self.fd >= 0:

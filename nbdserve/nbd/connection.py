@@ -23,9 +23,21 @@ from .events import NEED_DATA, Disconnect, Negotiated, Request, StartTLS
 from .exports import ExportCatalog, ExportInfo
 from .options import Negotiation, OptionOutcome, TlsMode
 from .replies import ReplyEncoder
-from .requests import check_request
+from .requests import RequestChecker
 
 MAX_OPTION_LENGTH = 64 * 1024
+_COMMANDS = {int(c): c for c in Command}
+_FLAGS: dict[int, CommandFlag] = {}
+
+
+def _command_flags(flags: int) -> CommandFlag:
+    """CommandFlag(flags), memoised: building an IntFlag costs more than the rest of a request."""
+    known = _FLAGS.get(flags)
+    if known is None:
+        known = CommandFlag(flags)
+        if len(_FLAGS) < 1 << 16:   # 16-bit field: bounded anyway
+            _FLAGS[flags] = known
+    return known
 SERVER_HANDSHAKE_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
 
 
@@ -46,6 +58,7 @@ class ServerConnection:
         self.export: ExportInfo | None = None
         self.negotiated: Negotiated | None = None
         self.replies: ReplyEncoder | None = None
+        self._check: RequestChecker | None = None
 
     # -- introspection
     @property
@@ -102,6 +115,12 @@ class ServerConnection:
         if self.replies is None or self.state not in TRANSMISSION:
             raise LocalProtocolError(f"cannot send {type(event).__name__} in state {self.state.name}")
         return self.replies.encode(event)
+
+    def send_parts(self, event) -> list:
+        """Like send(), as a list of buffers whose concatenation is the reply (no copy of read data)."""
+        if self.replies is None or self.state not in TRANSMISSION:
+            raise LocalProtocolError(f"cannot send {type(event).__name__} in state {self.state.name}")
+        return self.replies.encode_parts(event)
 
     # -- readers, one per state
     def _need(self, count: int):
@@ -187,6 +206,7 @@ class ServerConnection:
                                      meta_contexts=dict(n.meta_contexts), options=tuple(n.options_seen),
                                      tls=n.tls)
         self.replies = ReplyEncoder(n.structured_replies)
+        self._check = RequestChecker(export, self.negotiated.flags, bool(self.negotiated.meta_contexts))
         self._machine.fire(Trigger.GO)
         return self.negotiated
 
@@ -199,8 +219,7 @@ class ServerConnection:
             raise ProtocolError(f"bad request magic {magic:#x}")
         if command == Command.DISC:
             return self._close("disc")
-        error, reason = check_request(self.export, self.negotiated.flags, bool(self.negotiated.meta_contexts),
-                                      command, flags, offset, length)
+        error, reason = self._check(command, flags, offset, length)
         if command == Command.WRITE:
             if error == Errno.OK:
                 self._write, self._pending = (cookie, flags, offset, length), length
@@ -210,9 +229,9 @@ class ServerConnection:
             self._machine.fire(Trigger.WRITE_REFUSED)
         else:
             self._machine.fire(Trigger.REQUEST_DONE)
-        command = Command(command) if command in Command._value2member_map_ else command
+        command = _COMMANDS.get(command, command)
         self.replies.expect(cookie, command, length)
-        return Request(cookie, command, CommandFlag(flags), offset, length, None, error, reason)
+        return Request(cookie, command, _command_flags(flags), offset, length, None, error, reason)
 
     def _read_write_payload(self):
         if len(self._buffer) < self._pending:
@@ -222,7 +241,7 @@ class ServerConnection:
         self._write, self._pending = None, 0
         self._machine.fire(Trigger.REQUEST_DONE)
         self.replies.expect(cookie, Command.WRITE, length)
-        return Request(cookie, Command.WRITE, CommandFlag(flags), offset, length, data)
+        return Request(cookie, Command.WRITE, _command_flags(flags), offset, length, data)
 
     def _discard_write(self):
         if not self._discard():

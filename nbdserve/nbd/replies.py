@@ -40,6 +40,10 @@ class ReplyEncoder:
             del self._in_flight[cookie]
 
     def encode(self, event) -> bytes:
+        return b"".join(self.encode_parts(event))
+
+    def encode_parts(self, event) -> list:
+        """The reply as buffers to send in order (read data is not copied: scatter-gather)."""
         command, length = self._request(event.cookie)
         if isinstance(event, SimpleReply):
             return self._simple(event, command, length)
@@ -54,9 +58,9 @@ class ReplyEncoder:
             self._finish(event.cookie)
         header = _CHUNK.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE if done else 0, chunk_type,
                              event.cookie, sum(map(len, parts)))
-        return b"".join([header, *parts])
+        return [header, *parts]
 
-    def _simple(self, event: SimpleReply, command: int, length: int) -> bytes:
+    def _simple(self, event: SimpleReply, command: int, length: int) -> list:
         if self.structured and command == Command.READ:
             raise LocalProtocolError("NBD_CMD_READ needs a structured reply")   # proto.md: MUST NOT
         if event.data and (command != Command.READ or event.error):
@@ -64,7 +68,8 @@ class ReplyEncoder:
         if command == Command.READ and not event.error and len(event.data) != length:
             raise LocalProtocolError(f"read reply of {len(event.data)} bytes for {length} requested")
         self._finish(event.cookie)
-        return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, event.error, event.cookie) + event.data
+        header = _SIMPLE.pack(SIMPLE_REPLY_MAGIC, event.error, event.cookie)
+        return [header, event.data] if event.data else [header]
 
 
 def _offset_data(event: OffsetData, command):

@@ -62,3 +62,26 @@ def check_request(export: ExportInfo, flags: int, has_contexts: bool,
     if command == Command.BLOCK_STATUS and length == 0:
         return Errno.EINVAL, "BLOCK_STATUS of length 0"
     return Errno.OK, ""
+
+
+_OK = (Errno.OK, "")
+
+
+class RequestChecker:
+    """check_request() for one connection, with what the negotiation fixed worked out once:
+    a valid READ or WRITE is passed with a few integer tests (the per-request hot path),
+    anything else goes through check_request() for its precise error."""
+
+    def __init__(self, export: ExportInfo, flags: int, has_contexts: bool):
+        self.export, self.flags, self.has_contexts = export, flags, has_contexts
+        self._size, self._max_block, self._min_block = export.size, export.max_block, export.min_block
+        self._fast_flags = {int(Command.READ): int(allowed_flags(Command.READ, flags))}
+        if not flags & TF.READ_ONLY:
+            self._fast_flags[int(Command.WRITE)] = int(allowed_flags(Command.WRITE, flags))
+
+    def __call__(self, command: int, cmd_flags: int, offset: int, length: int) -> tuple[Errno, str]:
+        allowed = self._fast_flags.get(command)
+        if (allowed is not None and not cmd_flags & ~allowed and offset + length <= self._size
+                and length <= self._max_block and not offset % self._min_block and not length % self._min_block):
+            return _OK
+        return check_request(self.export, self.flags, self.has_contexts, command, cmd_flags, offset, length)

@@ -90,6 +90,11 @@ class BlkDebug:
     def clear_errors(self) -> None:
         self._injections.clear()
 
+    @property
+    def armed(self) -> bool:
+        """True when an event may sleep, stop or fail: the engine then takes no synchronous shortcut."""
+        return bool(self.delays or self._breakpoints or self._injections or self.hook)
+
     # -- firing
     def fire_sync(self, event: str) -> None:
         self.counts[event] += 1

@@ -25,6 +25,7 @@ import trio
 
 from ..blockdev import BlockDevice, Extent, ReadChunk, check_range
 from . import format as fmt
+from .comutex import CoMutex
 from .compress import decompress_cluster
 from .errors import Qcow2Error
 from .events import BlkDebug
@@ -36,6 +37,7 @@ from .refcount import Refcounts
 # segment kinds of the guest -> host mapping
 UNALLOCATED, ZERO, DATA, COMPRESSED = range(4)
 MAX_CHAIN_DEPTH = 256
+THREADED_READ = 256 * 1024   # data runs this large are copied in a worker thread, beside the sends
 L2_CACHE_BYTES = 32 << 20
 EXTL2_ALL_ALLOCATED = fmt.SUBCLUSTER_ALLOC_MASK
 EXTL2_ALL_ZERO = fmt.SUBCLUSTER_ZERO_MASK
@@ -67,6 +69,16 @@ def _repair_if_dirty(path: str) -> None:
         if result.failed or result.corruptions or result.check_errors:
             raise Qcow2Error(f"Image is dirty and its repair left {result.corruptions} corruptions, "
                              f"{result.check_errors} check errors")
+
+
+@dataclass(slots=True)
+class _Deferred:
+    """Part of a sparse read left to the caller: host data to read (``host``), or a range
+    of the backing file (``host`` None)."""
+
+    pos: int
+    length: int
+    host: int | None
 
 
 class Qcow2Image(BlockDevice):
@@ -129,7 +141,7 @@ class Qcow2Image(BlockDevice):
                                    list(decode_table(raw_rt)), header.refcount_table_offset,
                                    self.events.fire_sync, self._refcount_table_moved)
         self.l2cache = L2Cache(fd, cs, L2_CACHE_BYTES // cs, self._write_back_metadata_sync)
-        self.lock = trio.Lock()
+        self.lock = CoMutex()
         self.cluster_allocs: list[L2Meta] = []
         self.pending_free: list[tuple[int, int]] = []   # (host offset, bytes) freed at next flush
         self.backing: BlockDevice | None = None
@@ -333,22 +345,100 @@ class Qcow2Image(BlockDevice):
         return data
 
     async def read_sparse(self, offset: int, length: int) -> list[ReadChunk]:
-        check_range(self.size, offset, length)
-        chunks: list[ReadChunk] = []
-        for kind, pos, n, host in self._map(offset, length):
-            if kind == ZERO or (kind == UNALLOCATED and (self.backing is None or pos >= self.backing.size)):
-                chunks.append(ReadChunk(pos, n, None))
-            elif kind == UNALLOCATED and pos + n > self.backing.size:
-                inside = self.backing.size - pos
-                chunks.extend(await self.backing.read_sparse(pos, inside))
-                chunks.append(ReadChunk(pos + inside, n - inside, None))
-            elif kind == UNALLOCATED:
-                chunks.extend(await self.backing.read_sparse(pos, n))
-            else:
-                buf = bytearray(n)
-                await self._read_into(pos, memoryview(buf))
-                chunks.append(ReadChunk(pos, n, buf))
+        if length < THREADED_READ:
+            chunks = self.read_sparse_now(offset, length)
+            if chunks is not None:
+                return chunks
+        chunks = []
+        for piece in self._read_plan(offset, length, threaded=True):
+            if isinstance(piece, ReadChunk):
+                chunks.append(piece)
+            elif piece.host is None:
+                chunks.extend(await self.backing.read_sparse(piece.pos, piece.length))
+            else:   # a large copy runs in a worker thread, beside the event loop's sends
+                data = await trio.to_thread.run_sync(os.pread, self.fd, piece.length, piece.host)
+                chunks.append(self._data_chunk(piece.host, piece.pos, piece.length, data))
         return chunks
+
+    def read_sparse_now(self, offset: int, length: int) -> list[ReadChunk] | None:
+        """read_sparse() in one synchronous pass (page cache, cached or read-in L2 tables), or
+        None when it should wait: a large read (THREADED_READ), a backing layer that must
+        wait, or armed blkdebug events."""
+        if self.events.armed or length >= THREADED_READ:
+            return None
+        chunks: list[ReadChunk] = []
+        for piece in self._read_plan(offset, length, threaded=False):
+            if isinstance(piece, ReadChunk):
+                chunks.append(piece)
+                continue
+            below = self.backing.read_sparse_now(piece.pos, piece.length)
+            if below is None:
+                return None
+            chunks.extend(below)
+        return chunks
+
+    def _read_plan(self, offset: int, length: int, threaded: bool) -> list[ReadChunk | _Deferred]:
+        """A sparse read's pieces: chunks read now, and what is left for the caller: data
+        runs of THREADED_READ bytes or more (when ``threaded``) and backing-file ranges."""
+        check_range(self.size, offset, length)
+        pieces: list[ReadChunk | _Deferred] = []
+        backing_size = self.backing.size if self.backing is not None else 0
+        for kind, pos, n, host in self._map(offset, length):
+            if kind == DATA:
+                pieces.append(_Deferred(pos, n, host) if threaded and n >= THREADED_READ
+                              else self._data_chunk(host, pos, n))
+            elif kind == COMPRESSED:
+                pieces.append(ReadChunk(pos, n, self._read_compressed(host)[pos & (self.cluster_size - 1):][:n]))
+            else:
+                inside = min(n, max(0, backing_size - pos)) if kind == UNALLOCATED else 0
+                if inside:
+                    pieces.append(_Deferred(pos, inside, None))
+                if inside < n:
+                    pieces.append(ReadChunk(pos + inside, n - inside, None))
+        return pieces
+
+    def _data_chunk(self, host: int, pos: int, n: int, data: bytes | None = None) -> ReadChunk:
+        if data is None:
+            data = os.pread(self.fd, n, host)   # not zero-filled first, unlike a bytearray
+        if len(data) < n:   # past the end of the file: zeros, or corruption (see _pread_host)
+            buf = bytearray(n)
+            self._pread_host(host, memoryview(buf))
+            data = buf
+        return ReadChunk(pos, n, data)
+
+    def pwrite_now(self, offset: int, data) -> bool:
+        """Write in place when every cluster touched is allocated and COPIED (qemu 1.1: the
+        "keep" clusters of qcow2_alloc_cluster_offset(), which need no metadata change).
+        Only when no request holds the lock and no blkdebug event is armed, so the
+        allocator's interleavings are exactly those of pwrite()."""
+        if self.events.armed or self.lock.locked() or self.read_only or self.corrupt:
+            return False
+        check_range(self.size, offset, len(data))
+        cmask = self.cluster_size - 1
+        runs: list[list[int]] = []   # [host, start in data, length]
+        pos, end = offset, offset + len(data)
+        while pos < end:
+            l1_index = pos >> self.l1_shift
+            if l1_index >= len(self.l1) or not self.l1[l1_index] & fmt.QCOW_OFLAG_COPIED:
+                return False
+            table = self._l2_table_for(l1_index)
+            if table is None:
+                return False
+            entry, bitmap = self._entry(table, (pos >> self.cluster_bits) & (self.l2_entries - 1))
+            if not self._keepable(entry, bitmap):
+                return False
+            host = (entry & fmt.L2E_OFFSET_MASK) + (pos & cmask)
+            n = min(end, (pos | cmask) + 1) - pos
+            if runs and runs[-1][0] + runs[-1][2] == host:
+                runs[-1][2] += n
+            else:
+                runs.append([host, pos - offset, n])
+            pos += n
+        mv = memoryview(data).cast("B")
+        self.events.fire_sync("write_aio")
+        for host, start, n in runs:
+            os.pwrite(self.fd, mv[start:start + n], host)
+        return True
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         check_range(self.size, offset, length)
@@ -589,15 +679,26 @@ class Qcow2Image(BlockDevice):
 
     async def _copy_unlocked(self, guest_start, host_start, n_start, n_end, fresh_end):
         await self.events.fire("cow_read")
-        buf = bytearray(n_end - n_start)
         lo = guest_start + n_start
-        inside = max(0, min(len(buf), self.size - lo))
+        inside = max(0, min(n_end - n_start, self.size - lo))
+        fresh = host_start + n_end <= fresh_end
+        if fresh and self._reads_as_zeros(lo, inside):   # no buffer to fill and scan
+            await self.events.fire("cow_write")
+            return
+        buf = bytearray(n_end - n_start)
         if inside:
             await self._read_into(lo, memoryview(buf)[:inside])
         await self.events.fire("cow_write")
-        if host_start + n_end <= fresh_end and buf.count(0) == len(buf):
+        if fresh and buf.count(0) == len(buf):
             return
         os.pwrite(self.fd, buf, host_start + n_start)
+
+    def _reads_as_zeros(self, offset: int, length: int) -> bool:
+        """True when the mapping alone shows the range reads as zeros (zero clusters, or
+        unallocated with nothing below)."""
+        backing_size = self.backing.size if self.backing is not None else 0
+        return all(kind == ZERO or (kind == UNALLOCATED and pos >= backing_size)
+                   for kind, pos, _, _ in self._map(offset, length)) if length else True
 
     def _run_dependent_requests(self, m: L2Meta) -> None:
         if m in self.cluster_allocs:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 
-from ..blockdev import BlockDevice, Extent
+from ..blockdev import BlockDevice, Extent, ReadChunk
 from ..nbd import (CONTEXT_BASE_ALLOCATION, BlockStatus, Command, CommandFlag, Errno, ErrorChunk, NoneChunk,
                    OffsetData, OffsetHole, Request, SimpleReply, StateFlag)
 from .exports import nbd_errno
@@ -26,19 +25,44 @@ async def execute(request: Request, device: BlockDevice, structured: bool,
 async def reply_events(request: Request, device: BlockDevice, structured: bool,
                        contexts: dict[int, str]) -> list:
     """The reply events for ``request``, after performing it."""
-    error, message = request.error, request.reason
-    if not error:
-        try:
-            if request.command == Command.READ:
-                return await _read(request, device, structured)
-            if request.command == Command.BLOCK_STATUS:
-                return await _block_status(request, device, contexts)
-            await _perform(request, device)
-        except Exception as exc:   # noqa: BLE001 - every failure becomes an NBD error reply
-            error, message = nbd_errno(exc), str(exc)
-            if not isinstance(exc, OSError):
-                log.exception("request %s failed", request)
-    if error and structured:
+    if request.error:
+        return _error_replies(request, request.error, request.reason, structured)
+    try:
+        if request.command == Command.READ:
+            chunks = await device.read_sparse(request.offset, request.length) if request.length else []
+            return read_replies(request, chunks, structured)
+        if request.command == Command.BLOCK_STATUS:
+            return await _block_status(request, device, contexts)
+        await _perform(request, device)
+    except Exception as exc:   # noqa: BLE001 - every failure becomes an NBD error reply
+        return _failed(request, exc, structured)
+    return [SimpleReply(request.cookie)]
+
+
+def replies_now(request: Request, device: BlockDevice, structured: bool) -> list | None:
+    """The reply events for a READ or WRITE the device performs without waiting, or None:
+    the request needs a task of its own (see BlockDevice.read_sparse_now/pwrite_now)."""
+    if request.error or not request.length:
+        return None
+    try:
+        if request.command == Command.READ:
+            chunks = device.read_sparse_now(request.offset, request.length)
+            return None if chunks is None else read_replies(request, chunks, structured)
+        if request.command == Command.WRITE and not request.flags & CommandFlag.FUA:
+            return [SimpleReply(request.cookie)] if device.pwrite_now(request.offset, request.data) else None
+    except Exception as exc:   # noqa: BLE001 - every failure becomes an NBD error reply
+        return _failed(request, exc, structured)
+    return None
+
+
+def _failed(request: Request, exc: Exception, structured: bool) -> list:
+    if not isinstance(exc, OSError):
+        log.exception("request %s failed", request)
+    return _error_replies(request, nbd_errno(exc), str(exc), structured)
+
+
+def _error_replies(request: Request, error: Errno, message: str, structured: bool) -> list:
+    if structured:
         return [ErrorChunk(request.cookie, error, message)]
     return [SimpleReply(request.cookie, error)]
 
@@ -63,21 +87,29 @@ async def _perform(request: Request, device: BlockDevice) -> None:
         raise OSError(Errno.EINVAL, f"unhandled command {command}")
 
 
-async def _read(request: Request, device: BlockDevice, structured: bool) -> list:
+def read_replies(request: Request, chunks: list[ReadChunk], structured: bool) -> list:
+    """Replies carrying a read's chunks: data and holes as structured chunks, or one
+    contiguous buffer for a simple reply or NBD_CMD_FLAG_DF."""
     cookie, offset, length = request.cookie, request.offset, request.length
-    if not structured:
-        return [SimpleReply(cookie, data=await device.pread(offset, length) if length else b"")]
-    if length == 0:
+    chunks = [c for c in chunks if c.length]
+    if structured and not chunks:
         return [NoneChunk(cookie)]
-    if request.flags & CommandFlag.DF:   # proto.md: "NBD_CMD_FLAG_DF": one content chunk
-        return [OffsetData(cookie, offset, await device.pread(offset, length), done=True)]
-    chunks = [c for c in await device.read_sparse(offset, length) if c.length]
-    replies = [OffsetData(cookie, c.offset, c.data) if c.data is not None else OffsetHole(cookie, c.offset, c.length)
-               for c in chunks]
-    if not replies:
-        return [NoneChunk(cookie)]
-    replies[-1] = dataclasses.replace(replies[-1], done=True)
-    return replies
+    if not structured or request.flags & CommandFlag.DF:   # proto.md: "NBD_CMD_FLAG_DF": one chunk
+        data = _contiguous(offset, length, chunks)
+        return [OffsetData(cookie, offset, data, done=True) if structured else SimpleReply(cookie, data=data)]
+    last = len(chunks) - 1
+    return [OffsetData(cookie, c.offset, c.data, done=i == last) if c.data is not None
+            else OffsetHole(cookie, c.offset, c.length, done=i == last) for i, c in enumerate(chunks)]
+
+
+def _contiguous(offset: int, length: int, chunks: list[ReadChunk]):
+    if len(chunks) == 1 and chunks[0].data is not None and chunks[0].length == length:
+        return chunks[0].data
+    buf = bytearray(length)
+    for c in chunks:
+        if c.data is not None:
+            buf[c.offset - offset:c.offset - offset + c.length] = c.data
+    return buf
 
 
 async def collect_extents(device: BlockDevice, offset: int, length: int, req_one: bool) -> list[Extent]:

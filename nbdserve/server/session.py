@@ -1,4 +1,10 @@
-"""One client connection: handshake, then one task per in-flight request."""
+"""One client connection: handshake, then transmission.
+
+Requests the device answers without waiting (BlockDevice.read_sparse_now / pwrite_now:
+page-cache reads, writes in place) are answered by the reading loop itself; every other
+request gets a task of its own.  Replies go through one ReplySender, so they never
+interleave and several leave per system call.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,9 @@ import logging
 import trio
 
 from ..nbd import NEED_DATA, Disconnect, Negotiated, ProtocolError, Request, ServerConnection, StartTLS, TlsMode
-from .commands import execute
+from .commands import execute, replies_now
 from .exports import Export
+from .sender import HIGH_WATER, ReplySender
 from .tls import TlsHandshakeError, start_tls
 
 log = logging.getLogger("nbdserve.server")
@@ -27,7 +34,6 @@ class Session:
         self.handshake_timeout, self.verbose = handshake_timeout, verbose
         self._stopping = False
         self._reading: trio.CancelScope | None = None   # cancelled to stop taking requests
-        self._send_lock = trio.Lock()
 
     def stop_reading(self) -> None:
         """Take no more requests (shutdown); those in flight still finish."""
@@ -94,17 +100,17 @@ class Session:
 
     async def _transmission(self, conn: ServerConnection, negotiated: Negotiated) -> None:
         export = self.exports[negotiated.export.name]
+        device, structured = export.device, negotiated.structured_replies
         limiter = trio.Semaphore(MAX_IN_FLIGHT)
+        sender = ReplySender(self.stream)
 
         async def send(event) -> None:
-            data = conn.send(event)
-            async with self._send_lock:   # one message at a time, never interleaved
-                await self.stream.send_all(data)
+            sender.queue(conn.send_parts(event))
+            await sender.send()
 
         async def run_request(request: Request) -> None:
             try:
-                await execute(request, export.device, negotiated.structured_replies,
-                              negotiated.meta_contexts, send)
+                await execute(request, device, structured, negotiated.meta_contexts, send)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 nursery.cancel_scope.cancel()   # the client is gone
             except Exception:   # noqa: BLE001
@@ -113,21 +119,39 @@ class Session:
             finally:
                 limiter.release()
 
-        async with trio.open_nursery() as nursery:
-            try:
-                with self._reading_scope():
-                    reason = await self._read_requests(conn, limiter, nursery, run_request)
-                    log.info("%s: %s", self.peer, reason)
-            except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                log.warning("%s: dropping connection: %s", self.peer, e or type(e).__name__)
-                nursery.cancel_scope.cancel()
+        def answer_now(request: Request) -> bool:
+            """Reads the page cache serves and writes in place are answered here, without a
+            task; their replies leave with the next send (several per system call)."""
+            replies = replies_now(request, device, structured)
+            if replies is None:
+                return False
+            for reply in replies:
+                sender.queue(conn.send_parts(reply))
+            return True
 
-    async def _read_requests(self, conn, limiter, nursery, run_request) -> str:
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    with self._reading_scope():
+                        reason = await self._read_requests(conn, limiter, sender, answer_now,
+                                                           lambda r: nursery.start_soon(run_request, r))
+                        log.info("%s: %s", self.peer, reason)
+                except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                    log.warning("%s: dropping connection: %s", self.peer, e or type(e).__name__)
+                    nursery.cancel_scope.cancel()
+        finally:
+            sender.close()   # its duplicate of the socket
+
+    async def _read_requests(self, conn, limiter, sender, answer_now, spawn) -> str:
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
+                if sender.queued:   # answer what this receive asked before waiting for more
+                    await sender.send()
                 conn.receive_data(await self.stream.receive_some(RECEIVE_SIZE))
             elif isinstance(event, Disconnect):
+                if sender.queued:
+                    await sender.send()
                 return {"disc": "NBD_CMD_DISC", "eof": "client closed without NBD_CMD_DISC"}.get(
                     event.reason, event.reason)
             else:
@@ -135,5 +159,9 @@ class Session:
                     log.debug("%s: %s cookie=%#x flags=%#x offset=%d length=%d%s", self.peer,
                              getattr(event.command, "name", event.command), event.cookie, event.flags,
                              event.offset, event.length, f" error={event.error.name}" if event.error else "")
+                if answer_now(event):
+                    if sender.queued > HIGH_WATER:
+                        await sender.send()
+                    continue
                 await limiter.acquire()
-                nursery.start_soon(run_request, event)
+                spawn(event)

@@ -1,0 +1,96 @@
+"""Sending replies: in order of completion, never interleaved, several per system call.
+
+Replies are queued as buffers (a header, then read data that is not copied); one task at
+a time sends, and what other requests queue meanwhile leaves with its next send.  A
+plain socket gets the buffers with one sendmsg(2) (scatter-gather); any other stream
+(TLS) gets them joined.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import trio
+
+IOV_MAX = 1024            # sendmsg(2): buffers per call (Linux UIO_MAXIOV)
+HIGH_WATER = 4 << 20      # queued bytes above which a request waits for the send to drain
+
+
+class ReplySender:
+    def __init__(self, stream: trio.abc.SendStream):
+        self._stream = stream
+        # A plain socket is written with sendmsg(2) in a loop until the kernel takes no more;
+        # trio's socket methods would pass through the scheduler after every partial send.
+        self._socket: socket.socket | None = None
+        if isinstance(stream, trio.SocketStream):
+            self._socket = socket.socket(fileno=os.dup(stream.socket.fileno()))
+            self._socket.setblocking(False)
+        self._queue: list = []
+        self.queued = 0                     # bytes queued and not yet handed to the kernel
+        self._sending = False
+        self._drained = trio.Event()        # set (and replaced) after each send
+        self._failure: BaseException | None = None
+
+    def queue(self, parts: list) -> None:
+        """Add one reply (its buffers, in order); it leaves with the next send()."""
+        self._queue.extend(parts)
+        self.queued += sum(map(len, parts))
+
+    async def send(self) -> None:
+        """Send what is queued.  If another task is already sending, it takes our replies
+        along; we only wait while more than HIGH_WATER bytes are queued (backpressure)."""
+        if self._failure is not None:
+            raise trio.BrokenResourceError("reply stream failed") from self._failure
+        if self._sending:
+            while self._sending and self.queued > HIGH_WATER:
+                await self._drained.wait()
+            if self._failure is not None:
+                raise trio.BrokenResourceError("reply stream failed") from self._failure
+            return
+        self._sending = True
+        try:
+            if trio.lowlevel.current_statistics().tasks_runnable:
+                # requests finishing in this scheduler batch add their replies to this send
+                await trio.lowlevel.checkpoint()
+            while self._queue:
+                batch, self._queue = self._queue, []
+                await self._send_batch(batch)
+                self.queued -= sum(map(len, batch))
+                self._wake()
+        except BaseException as exc:
+            self._failure = exc
+            raise
+        finally:
+            self._sending = False
+            self._wake()
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+
+    def _wake(self) -> None:
+        self._drained.set()
+        self._drained = trio.Event()
+
+    async def _send_batch(self, batch: list) -> None:
+        if self._socket is None:
+            await self._stream.send_all(batch[0] if len(batch) == 1 else b"".join(batch))
+            return
+        views = [memoryview(b).cast("B") for b in batch if len(b)]
+        first = 0
+        while first < len(views):
+            try:
+                sent = self._socket.sendmsg(views[first:first + IOV_MAX])
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self._socket)
+                continue
+            except OSError as exc:   # as trio.SocketStream.send_all reports a lost peer
+                raise trio.BrokenResourceError(f"socket send failed: {exc}") from exc
+            while sent:   # skip what went out; a partly sent buffer keeps its tail
+                if sent >= len(views[first]):
+                    sent -= len(views[first])
+                    first += 1
+                else:
+                    views[first] = views[first][sent:]
+                    sent = 0
