@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from .config import (
     ALLOCATORS, DEFAULT_PORT, FORMATS, TLS_MODES, ConfigError, ExportConfig, ServerConfig, TlsConfig,
-    check_delays, load_config,
+    check_delays, check_inject_errors, load_config,
 )
 
 PROG = "nbdserve"
@@ -211,7 +211,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         given = [flag for flag, value in (
             ("-x", args.export_name), ("-b", args.bind), ("-p", args.port), ("-k", args.socket),
             ("-r", args.read_only or None), ("-f", args.format), ("--allocator", args.allocator),
-            ("--delay", args.delay or None), ("--description", args.description), ("--tls", args.tls),
+            ("--delay", args.delay or None), ("--inject-error", args.inject_error or None),
+            ("--description", args.description), ("--tls", args.tls),
             ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--tls-ca", args.tls_ca))
             if value is not None]
         if given:
@@ -231,6 +232,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             event, seconds = parse_delay(text)
             delays[event] = seconds
         delays = check_delays("--delay", delays)
+        injections: dict[str, str] = {}
+        for text in args.inject_error or []:
+            event, sep, spec = text.partition("=")
+            if not sep or not event:
+                raise ValueError(f"--inject-error {text!r}: expected EVENT=ERRNO[:once]")
+            injections[event] = spec
+        inject_errors = check_inject_errors("--inject-error", injections)
     except (ValueError, ConfigError) as e:
         raise CliError(f"serve: {e}", EXIT_USAGE) from None
     if args.port is not None and not 1 <= args.port <= 65535:
@@ -243,6 +251,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         description=args.description or "",
         allocator=args.allocator or "fixed",
         delays=delays,
+        inject_errors=inject_errors,
     )
     config = ServerConfig(exports=[export], verbose=args.verbose)
     if args.socket is not None:
@@ -434,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="qcow2 cluster allocator: fixed (default) or qemu-1.1.2 (reproduces the 2012 bug)")
     s.add_argument("--delay", action="append", metavar="EVENT=SECONDS",
                    help="sleep at this blkdebug event (repeatable), e.g. cow_read=0.5")
+    s.add_argument("--inject-error", action="append", metavar="EVENT=ERRNO[:once]",
+                   help="fail this blkdebug event with ERRNO (repeatable; every time, or once), "
+                        "e.g. l2_update=ENOSPC:once (qemu blkdebug's inject-error)")
     s.add_argument("--description", metavar="TEXT", help="export description shown to clients")
     s.add_argument("-v", "--verbose", action="store_true", help="also log every request (connections are always logged)")
     s.add_argument("--tls-cert", metavar="FILE", help="TLS: the server's certificate (PEM)")

@@ -19,6 +19,7 @@ The TOML file (see ``conf/nbdserve.example.toml``)::
     description = "a disk"
     allocator = "fixed"           # or "qemu-1.1.2"
     delay = { cow_read = 0.5 }    # blkdebug event -> seconds
+    inject_error = { l2_update = "ENOSPC:once" }   # blkdebug event -> "ERRNO[:once]"
 
 Every flaw is refused with a :class:`ConfigError` whose message starts with the
 key at fault, e.g. ``export[1].allocator: expected "fixed" or "qemu-1.1.2", got "foo"``
@@ -27,6 +28,7 @@ key at fault, e.g. ``export[1].allocator: expected "fixed" or "qemu-1.1.2", got 
 
 from __future__ import annotations
 
+import errno
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -48,6 +50,8 @@ class ExportConfig:
     description: str = ""
     allocator: str = "fixed"        # qcow2 AllocationPolicy: "fixed" | "qemu-1.1.2"
     delays: dict[str, float] = field(default_factory=dict)  # blkdebug event -> seconds
+    # blkdebug event -> (errno, once): qemu blkdebug's [inject-error] (qemu-iotests 026)
+    inject_errors: dict[str, tuple[int, bool]] = field(default_factory=dict)
 
 
 @dataclass
@@ -154,6 +158,30 @@ def check_delays(key: str, value: Any) -> dict[str, float]:
     return delays
 
 
+_ERRNO_BY_NAME = {name: number for number, name in errno.errorcode.items()}
+
+
+def check_inject_errors(key: str, value: Any) -> dict[str, tuple[int, bool]]:
+    """``{event = "ERRNO[:once]"}``: fail every firing of the blkdebug event (only the first
+    with ``:once``) with ERRNO, a name like ``"ENOSPC"`` or a number (qemu blkdebug's errno/once)."""
+    if not isinstance(value, dict):
+        raise ConfigError(key, f'expected a table of event = "ERRNO[:once]", got {_show(value)}')
+    injections: dict[str, tuple[int, bool]] = {}
+    for event, spec in value.items():
+        if not event:
+            raise ConfigError(key, "event name must not be empty")
+        text = str(spec) if isinstance(spec, int) and not isinstance(spec, bool) else spec
+        if not isinstance(text, str):
+            raise ConfigError(f"{key}.{event}", f'expected "ERRNO" or "ERRNO:once", got {_show(spec)}')
+        name, sep, mode = text.partition(":")
+        number = int(name) if name.isdigit() else _ERRNO_BY_NAME.get(name.upper())
+        if (sep and mode != "once") or number not in errno.errorcode:
+            raise ConfigError(f"{key}.{event}", f'expected "ERRNO" or "ERRNO:once" with ERRNO a name '
+                                                f'like EIO or ENOSPC or its number, got {_show(spec)}')
+        injections[event] = (number, bool(sep))
+    return injections
+
+
 def check_unique_names(exports: list[ExportConfig], key: str = "export") -> None:
     seen: dict[str, int] = {}
     for i, export in enumerate(exports):
@@ -175,7 +203,7 @@ def _refuse_unknown(key: str, table: dict[str, Any], known: tuple[str, ...]) -> 
 
 SERVER_KEYS = ("bind", "port", "socket", "verbose", "handshake_timeout", "max_connections", "tls")
 TLS_KEYS = ("cert", "key", "ca", "mode")
-EXPORT_KEYS = ("name", "image", "format", "read_only", "description", "allocator", "delay")
+EXPORT_KEYS = ("name", "image", "format", "read_only", "description", "allocator", "delay", "inject_error")
 
 
 def _resolve(base: str, path: str) -> str:
@@ -202,6 +230,8 @@ def _parse_export(i: int, table: Any, base: str) -> ExportConfig:
         export.allocator = check_choice(f"{key}.allocator", table["allocator"], ALLOCATORS)
     if "delay" in table:
         export.delays = check_delays(f"{key}.delay", table["delay"])
+    if "inject_error" in table:
+        export.inject_errors = check_inject_errors(f"{key}.inject_error", table["inject_error"])
     return export
 
 

@@ -81,6 +81,16 @@ def check(path) -> str:
     return qemu_img("check", str(path)).stdout
 
 
+def check_no_corruption(path) -> dict:
+    """``qemu-img check`` after a crash or an I/O error: exit 0, or 3 for leaked clusters only
+    (harmless), and no corruption; returns its JSON report (``leaks`` absent when 0)."""
+    p = run([QEMU_IMG, "check", "--output=json", str(path)], check=False)
+    assert p.returncode in (0, 3), f"qemu-img check {path} exited {p.returncode}: {p.stdout}{p.stderr}"
+    report = json.loads(p.stdout)
+    assert report.get("corruptions", 0) == 0 and report.get("check-errors", 0) == 0, report
+    return report
+
+
 def compare(path, raw_reference) -> None:
     """``qemu-img compare -f qcow2 -F raw`` must say identical, and the sizes must agree
     (compare alone lets a longer image pass when its extra part reads zeros)."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..blockdev import BlockDevice
 from ..config import ExportConfig
-from ..images import open_image
+from ..images import ImageError, open_image
 from ..nbd import ExportInfo, TransmissionFlag as TF
 from ..nbd.constants import Errno
 from ..nbd.exports import ALL_CONTEXTS
@@ -48,7 +48,21 @@ def open_export(config: ExportConfig) -> Export:
     """Open the image (raises ImageError); every connection shares this device."""
     device = open_image(config.image, config.format, read_only=config.read_only,
                         allocator=config.allocator, delays=config.delays)
+    if config.inject_errors:
+        _inject_errors(config, device)
     return Export(config, device, export_info(config.name, device, config.description))
+
+
+def _inject_errors(config: ExportConfig, device: BlockDevice) -> None:
+    """qemu blkdebug's [inject-error] (qemu-iotests 026): the engine's events fail with an errno."""
+    events = getattr(device, "events", None)
+    if events is None:
+        raise ImageError(f"{config.image}: inject_error needs a qcow2 image (raw has no blkdebug events)")
+    for event, (err, once) in config.inject_errors.items():
+        try:
+            events.inject_error(event, err, once)
+        except ValueError as e:   # an unknown event name
+            raise ImageError(f"{config.image}: {e}") from None
 
 
 _NBD_ERRNO = {
