@@ -6,6 +6,7 @@ image consistent and do not stop the server.
   ``nbdserve.qcow2.events.EVENTS``) fails with EIO and with ENOSPC, once and every time, while
   libnbd (which shows the exact errno) and qemu-io (which prints it) send the scenario over NBD
   to an export served with ``inject_error``.
+- A real full filesystem: the image on a small tmpfs, written until the host says ENOSPC.
 
 After each case the image must pass ``qemu-img check`` (exit 0, or 3 for leaked clusters), and
 hold, per byte, what the requests that succeeded wrote whenever a later flush succeeded.
@@ -351,3 +352,69 @@ def test_inject_error_config_value_refused(tmp_path):
     p = subprocess.run([*nbdserve_command(), "serve", "--config", str(conf)], capture_output=True, text=True,
                        timeout=30)
     assert p.returncode == 2 and "export[0].inject_error.write_aio: expected" in p.stderr, p.stderr
+
+
+# ------------------------------------------------------------------ a full host filesystem
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs (mounting needs root: skipped without it)."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {p.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def _pattern(i: int, n: int) -> bytes:
+    return bytes([i % 251 + 1]) * n
+
+
+def test_host_enospc_reaches_the_client(small_tmpfs, tmp_path):
+    """Writes to an image on a full filesystem fail with ENOSPC; what was acknowledged stays
+    readable, the server keeps serving, and once space is back writes and flushes succeed."""
+    nbd = import_libnbd()
+    chunk = 64 * K
+    ballast = small_tmpfs / "ballast"
+    ballast.write_bytes(b"\xee" * (256 * K))      # freed later, to give the space back
+    image = Path(create(small_tmpfs / "disk.qcow2", 8 * MiB, cluster_size=64 * K))
+    with NbdserveProcess("serve", "-f", "qcow2", "-x", "disk", "-p", str(free_port()), str(image)) as server:
+        h = nbd.NBD()
+        h.connect_uri(server.uri)
+        acknowledged = []
+        failure = None
+        for i in range(64):                          # 4 MiB into a 1 MiB filesystem
+            try:
+                h.pwrite(_pattern(i, chunk), i * chunk)
+                acknowledged.append(i)
+            except nbd.Error as e:
+                failure = (i, e.errnum)
+                break
+        assert failure is not None and failure[1] == errno.ENOSPC, (failure, acknowledged)
+        assert acknowledged, "the filesystem was full before the first write"
+        reader = nbd.NBD()
+        reader.connect_uri(server.uri)
+        for i in acknowledged:
+            assert reader.pread(chunk, i * chunk) == _pattern(i, chunk), f"acknowledged write {i} reads back wrong"
+        reader.shutdown()
+        try:        # writing the L2 table back may need space too: success or ENOSPC, nothing else
+            h.flush()
+            flush_when_full = "ok"
+        except nbd.Error as e:
+            assert e.errnum == errno.ENOSPC, e
+            flush_when_full = "ENOSPC"
+        ballast.unlink()
+        retried = failure[0]
+        h.pwrite(_pattern(retried, chunk), retried * chunk)
+        h.flush()
+        h.shutdown()
+    report = check_no_corruption(image)
+    data = convert_raw(image, tmp_path)
+    for i in acknowledged + [retried]:
+        assert data[i * chunk:(i + 1) * chunk] == _pattern(i, chunk), f"write {i} lost after the restart"
+    assert data[(retried + 1) * chunk:] == bytes(len(data) - (retried + 1) * chunk)
+    print(f"\nhost ENOSPC after {len(acknowledged)} writes of 64 KiB, flush then {flush_when_full}; qemu-img check: "
+          f"{report.get('leaks', 0)} leaked clusters, 0 corruptions")

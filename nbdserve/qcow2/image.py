@@ -29,6 +29,7 @@ from .comutex import CoMutex
 from .compress import decompress_cluster
 from .errors import Qcow2Error
 from .events import BlkDebug
+from .fileio import pwrite_all
 from .header import Qcow2Header, read_header
 from .l2cache import L2Cache, decode_table, encode_table
 from .policy import AllocationPolicy, policy_by_name
@@ -437,7 +438,7 @@ class Qcow2Image(BlockDevice):
         mv = memoryview(data).cast("B")
         self.events.fire_sync("write_aio")
         for host, start, n in runs:
-            os.pwrite(self.fd, mv[start:start + n], host)
+            pwrite_all(self.fd, mv[start:start + n], host)
         return True
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
@@ -561,7 +562,7 @@ class Qcow2Image(BlockDevice):
 
     async def _write_data(self, host: int, chunk: memoryview) -> None:
         await self.events.fire("write_aio")
-        os.pwrite(self.fd, chunk, host)
+        pwrite_all(self.fd, chunk, host)
 
     async def _alloc_cluster_offset(self, pos: int, remaining: int) -> tuple[int, int, L2Meta | None]:
         """qemu 1.1: qcow2_alloc_cluster_offset().  Returns (host offset of ``pos``,
@@ -691,7 +692,7 @@ class Qcow2Image(BlockDevice):
         await self.events.fire("cow_write")
         if fresh and buf.count(0) == len(buf):
             return
-        os.pwrite(self.fd, buf, host_start + n_start)
+        pwrite_all(self.fd, buf, host_start + n_start)
 
     def _reads_as_zeros(self, offset: int, length: int) -> bool:
         """True when the mapping alone shows the range reads as zeros (zero clusters, or

@@ -14,6 +14,8 @@ from array import array
 from collections import OrderedDict
 from typing import Callable
 
+from .fileio import pwrite_all
+
 _LITTLE = sys.byteorder == "little"
 
 
@@ -76,7 +78,7 @@ class L2Cache:
     def write_dirty(self) -> int:
         n = 0
         for off in sorted(self.dirty):
-            os.pwrite(self.fd, encode_table(self.tables[off]), off)
+            pwrite_all(self.fd, encode_table(self.tables[off]), off)
             n += 1
         self.dirty.clear()
         return n

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from typing import Callable
 
 from . import format as fmt
+from .fileio import pwrite_all
 
 _ARRAY_CODE = {8: "B", 16: "H", 32: "I", 64: "Q"}
 _LITTLE = sys.byteorder == "little"
@@ -203,14 +204,14 @@ class Refcounts:
             out = array(blk.typecode, blk)
             if _LITTLE and self.bits > 8:
                 out.byteswap()
-            os.pwrite(self.fd, out.tobytes(), offset)
+            pwrite_all(self.fd, out.tobytes(), offset)
         else:
             per_byte = 8 // self.bits
             raw = bytearray(len(blk) // per_byte)
             for i, v in enumerate(blk):
                 if v:
                     raw[i // per_byte] |= v << ((i % per_byte) * self.bits)
-            os.pwrite(self.fd, bytes(raw), offset)
+            pwrite_all(self.fd, bytes(raw), offset)
 
     def _grow_table(self, min_ti: int) -> None:
         """Move the refcount table to the end of the image, bigger (qemu: refcount table growth).
@@ -259,7 +260,7 @@ class Refcounts:
             self.set(c, 1)
         raw = b"".join(fmt.U64.pack(e) for e in new_table)
         self.on_event("refblock_alloc_write_table")
-        os.pwrite(self.fd, raw, start << self.cluster_bits)
+        pwrite_all(self.fd, raw, start << self.cluster_bits)
         os.fsync(self.fd)
         old_offset, old_clusters = self.table_offset, (len(self.table) * 8 + cs - 1) // cs
         self.on_event("refblock_alloc_switch_table")
