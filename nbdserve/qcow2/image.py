@@ -38,7 +38,7 @@ from .refcount import Refcounts
 # segment kinds of the guest -> host mapping
 UNALLOCATED, ZERO, DATA, COMPRESSED = range(4)
 MAX_CHAIN_DEPTH = 256
-THREADED_READ = 256 * 1024   # data runs this large are copied in a worker thread, beside the sends
+THREADED_IO = 256 * 1024   # data runs this large are copied in a worker thread, beside the event loop
 L2_CACHE_BYTES = 32 << 20
 EXTL2_ALL_ALLOCATED = fmt.SUBCLUSTER_ALLOC_MASK
 EXTL2_ALL_ZERO = fmt.SUBCLUSTER_ZERO_MASK
@@ -145,7 +145,6 @@ class Qcow2Image(BlockDevice):
         self.lock = CoMutex()
         self.cluster_allocs: list[L2Meta] = []
         self.pending_free: list[tuple[int, int]] = []   # (host offset, bytes) freed at next flush
-        self.writes_in_flight: list[tuple[int, int]] = []   # (host offset, bytes) written unlocked
         self.backing: BlockDevice | None = None
         self._compressed_cache: tuple[int, bytes] | None = None
         self._dirty_bit_set = False
@@ -347,7 +346,7 @@ class Qcow2Image(BlockDevice):
         return data
 
     async def read_sparse(self, offset: int, length: int) -> list[ReadChunk]:
-        if length < THREADED_READ:
+        if length < THREADED_IO:
             chunks = self.read_sparse_now(offset, length)
             if chunks is not None:
                 return chunks
@@ -364,9 +363,9 @@ class Qcow2Image(BlockDevice):
 
     def read_sparse_now(self, offset: int, length: int) -> list[ReadChunk] | None:
         """read_sparse() in one synchronous pass (page cache, cached or read-in L2 tables), or
-        None when it should wait: a large read (THREADED_READ), a backing layer that must
+        None when it should wait: a large read (THREADED_IO), a backing layer that must
         wait, or armed blkdebug events."""
-        if self.events.armed or length >= THREADED_READ:
+        if self.events.armed or length >= THREADED_IO:
             return None
         chunks: list[ReadChunk] = []
         for piece in self._read_plan(offset, length, threaded=False):
@@ -381,13 +380,13 @@ class Qcow2Image(BlockDevice):
 
     def _read_plan(self, offset: int, length: int, threaded: bool) -> list[ReadChunk | _Deferred]:
         """A sparse read's pieces: chunks read now, and what is left for the caller: data
-        runs of THREADED_READ bytes or more (when ``threaded``) and backing-file ranges."""
+        runs of THREADED_IO bytes or more (when ``threaded``) and backing-file ranges."""
         check_range(self.size, offset, length)
         pieces: list[ReadChunk | _Deferred] = []
         backing_size = self.backing.size if self.backing is not None else 0
         for kind, pos, n, host in self._map(offset, length):
             if kind == DATA:
-                pieces.append(_Deferred(pos, n, host) if threaded and n >= THREADED_READ
+                pieces.append(_Deferred(pos, n, host) if threaded and n >= THREADED_IO
                               else self._data_chunk(host, pos, n))
             elif kind == COMPRESSED:
                 pieces.append(ReadChunk(pos, n, self._read_compressed(host)[pos & (self.cluster_size - 1):][:n]))
@@ -413,7 +412,8 @@ class Qcow2Image(BlockDevice):
         "keep" clusters of qcow2_alloc_cluster_offset(), which need no metadata change).
         Only when no request holds the lock and no blkdebug event is armed, so the
         allocator's interleavings are exactly those of pwrite()."""
-        if self.events.armed or self.lock.locked() or self.read_only or self.corrupt:
+        if (self.events.armed or self.lock.locked() or self.read_only or self.corrupt
+                or len(data) >= THREADED_IO):
             return False
         check_range(self.size, offset, len(data))
         cmask = self.cluster_size - 1
@@ -551,12 +551,7 @@ class Qcow2Image(BlockDevice):
             while done < len(mv):
                 host, n, meta = await self._alloc_cluster_offset(offset + done, len(mv) - done)
                 try:
-                    span = (host, n)
-                    self.writes_in_flight.append(span)
-                    try:
-                        await self._unlocked(self._write_data, host, mv[done:done + n])
-                    finally:
-                        self.writes_in_flight.remove(span)
+                    await self._unlocked(self._write_data, host, mv[done:done + n])
                     if meta is not None:
                         await self._link_l2(meta)
                 finally:
@@ -568,7 +563,10 @@ class Qcow2Image(BlockDevice):
 
     async def _write_data(self, host: int, chunk: memoryview) -> None:
         await self.events.fire("write_aio")
-        pwrite_all(self.fd, chunk, host)
+        if len(chunk) >= THREADED_IO:   # s->lock is not held: other requests go on meanwhile
+            await trio.to_thread.run_sync(pwrite_all, self.fd, chunk, host)
+        else:
+            pwrite_all(self.fd, chunk, host)
 
     async def _alloc_cluster_offset(self, pos: int, remaining: int) -> tuple[int, int, L2Meta | None]:
         """qemu 1.1: qcow2_alloc_cluster_offset().  Returns (host offset of ``pos``,
@@ -855,11 +853,6 @@ class Qcow2Image(BlockDevice):
     def _apply_pending_frees(self) -> None:
         frees, self.pending_free = self.pending_free, []
         for host, nbytes in frees:
-            if any(h < host + nbytes and host < h + n for h, n in self.writes_in_flight):
-                # a write that found this cluster before it was dropped has yet to land: free
-                # it at a later flush, or the write would land in the cluster's next owner
-                self.pending_free.append((host, nbytes))
-                continue
             self.events.fire_sync("cluster_free")
             self.refcounts.change(host, nbytes, -1)
             self.l2cache.drop(host)

@@ -163,5 +163,8 @@ class Session:
                     if sender.queued > HIGH_WATER:
                         await sender.send()
                     continue
-                await limiter.acquire()
+                try:
+                    limiter.acquire_nowait()   # no checkpoint per request while below the limit
+                except trio.WouldBlock:
+                    await limiter.acquire()
                 spawn(event)
