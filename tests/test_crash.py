@@ -7,7 +7,7 @@ import trio
 import trio.testing
 
 from nbdserve.qcow2 import Qcow2Image
-from qemu_tools import check, convert_raw, create, needs_qemu, qemu_io
+from qemu_tools import check, check_no_corruption, convert_raw, create, needs_qemu, qemu_io
 
 pytestmark = needs_qemu
 
@@ -47,3 +47,31 @@ async def test_discard_is_not_undone_by_a_concurrent_cow(tmp_path, request_kind)
     check(overlay)
     head = convert_raw(overlay, tmp_path)[:8 * K]
     assert head == bytes(8 * K), f"0..8K read {head[:4].hex()}..., not zeros"
+
+
+async def test_a_freed_cluster_is_not_reused_under_a_write_in_flight(tmp_path):
+    """A write in place into a cluster finds its host cluster, then writes with s->lock released
+    (a breakpoint here; a worker thread for large writes).  A discard of that cluster and a flush
+    meanwhile free the host cluster; the next allocation must not get it while the old write is
+    still to land there, or that write overwrites the new owner's data (guest 512K, written and
+    flushed by a request that never overlapped the others)."""
+    overlay = create(tmp_path / "disk.qcow2", 1 * MiB, cluster_size=64 * K)
+    img = Qcow2Image.open(overlay)
+    try:
+        await img.pwrite(0, b"\x11" * (64 * K))
+        await img.flush()
+        img.events.set_break("write_aio", "W")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(img.pwrite, 0, b"\x99" * (64 * K))
+            await img.events.wait_break("W")
+            await img.trim(0, 64 * K)
+            await img.flush()
+            await img.pwrite(512 * K, b"\x55" * (64 * K))
+            await img.flush()
+            img.events.resume("W")
+        await img.flush()
+    finally:
+        await img.close()
+    check_no_corruption(overlay)
+    data = convert_raw(overlay, tmp_path)
+    assert data[512 * K:576 * K] == b"\x55" * (64 * K), f"guest 512K reads {data[512 * K:512 * K + 4].hex()}..."

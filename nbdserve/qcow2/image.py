@@ -145,6 +145,7 @@ class Qcow2Image(BlockDevice):
         self.lock = CoMutex()
         self.cluster_allocs: list[L2Meta] = []
         self.pending_free: list[tuple[int, int]] = []   # (host offset, bytes) freed at next flush
+        self.writes_in_flight: list[tuple[int, int]] = []   # (host offset, bytes) written unlocked
         self.backing: BlockDevice | None = None
         self._compressed_cache: tuple[int, bytes] | None = None
         self._dirty_bit_set = False
@@ -551,7 +552,12 @@ class Qcow2Image(BlockDevice):
             while done < len(mv):
                 host, n, meta = await self._alloc_cluster_offset(offset + done, len(mv) - done)
                 try:
-                    await self._unlocked(self._write_data, host, mv[done:done + n])
+                    span = (host, n)
+                    self.writes_in_flight.append(span)
+                    try:
+                        await self._unlocked(self._write_data, host, mv[done:done + n])
+                    finally:
+                        self.writes_in_flight.remove(span)
                     if meta is not None:
                         await self._link_l2(meta)
                 finally:
@@ -853,6 +859,11 @@ class Qcow2Image(BlockDevice):
     def _apply_pending_frees(self) -> None:
         frees, self.pending_free = self.pending_free, []
         for host, nbytes in frees:
+            if any(h < host + nbytes and host < h + n for h, n in self.writes_in_flight):
+                # a write that found this cluster before it was dropped has yet to land: free
+                # it at a later flush, or the write would land in the cluster's next owner
+                self.pending_free.append((host, nbytes))
+                continue
             self.events.fire_sync("cluster_free")
             self.refcounts.change(host, nbytes, -1)
             self.l2cache.drop(host)
