@@ -10,6 +10,7 @@ import os
 import trio
 
 from .base import BlockDevice, Extent, ReadChunk, check_range
+from .fileio import pwrite_all
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -77,7 +78,7 @@ class RawFile(BlockDevice):
         if self.read_only:
             raise OSError(errno.EPERM, "device is read-only")
         check_range(self.size, offset, len(data))
-        os.pwrite(self.fd, data, offset)
+        pwrite_all(self.fd, data, offset)
         return True
 
     async def trim(self, offset, length, fua=False):

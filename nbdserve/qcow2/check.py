@@ -32,6 +32,7 @@ import sys
 from array import array
 from dataclasses import dataclass, field
 
+from ..blockdev.fileio import pwrite_all
 from . import format as fmt
 from .errors import Qcow2Error
 from .header import MAX_L1_BYTES, Qcow2Header, read_header
@@ -364,7 +365,7 @@ class _Checker:
                     if fix & FIX_ERRORS:
                         # qemu: make it an unallocated zero cluster, written through at once
                         new = 0 if extl2 else ZERO
-                        os.pwrite(self.fd, fmt.U64.pack(new), l2_offset + i * 8 * (2 if extl2 else 1))
+                        pwrite_all(self.fd, fmt.U64.pack(new), l2_offset + i * 8 * (2 if extl2 else 1))
                         os.fsync(self.fd)
                         res.corruptions -= 1
                         res.corruptions_fixed += 1
@@ -626,7 +627,7 @@ class _Checker:
                 self._msg(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={rc}")
                 if repair:
                     new = l1e | COPIED if rc == 1 else l1e & ~COPIED
-                    os.pwrite(self.fd, fmt.U64.pack(new), h.l1_table_offset + i * 8)
+                    pwrite_all(self.fd, fmt.U64.pack(new), h.l1_table_offset + i * 8)
                     res.corruptions -= 1
                     res.corruptions_fixed += 1
             table = decode_table(self._pread(self.l2_bytes, l2_offset))
@@ -655,7 +656,7 @@ class _Checker:
                         table[j] = e | COPIED if rc == 1 else e & ~COPIED
                         dirty += 1
             if dirty:
-                os.pwrite(self.fd, encode_table(table), l2_offset)
+                pwrite_all(self.fd, encode_table(table), l2_offset)
                 res.corruptions -= dirty
                 res.corruptions_fixed += dirty
 
@@ -738,10 +739,10 @@ class _Checker:
             part.extend(array("Q", [0]) * (B - len(part)))
             if max(part) > self.refmax:
                 part = array("Q", (min(v, self.refmax) for v in part))
-            os.pwrite(self.fd, _encode_refblock(part, self.refbits), c << self.cb)
-        os.pwrite(self.fd, encode_table(table), table_start << self.cb)
+            pwrite_all(self.fd, _encode_refblock(part, self.refbits), c << self.cb)
+        pwrite_all(self.fd, encode_table(table), table_start << self.cb)
         os.fsync(self.fd)
-        os.pwrite(self.fd, fmt.U64.pack(table_start << self.cb) + table_clusters.to_bytes(4, "big"),
+        pwrite_all(self.fd, fmt.U64.pack(table_start << self.cb) + table_clusters.to_bytes(4, "big"),
                   fmt.OFFSET_REFCOUNT_TABLE)
         os.fsync(self.fd)
         self.h.refcount_table_offset = table_start << self.cb
@@ -801,7 +802,7 @@ class _Checker:
             bits = self.h.incompatible_features & ~(fmt.INCOMPAT_DIRTY | fmt.INCOMPAT_CORRUPT)
             if bits != self.h.incompatible_features:
                 os.fsync(self.fd)
-                os.pwrite(self.fd, fmt.U64.pack(bits), fmt.OFFSET_INCOMPATIBLE)
+                pwrite_all(self.fd, fmt.U64.pack(bits), fmt.OFFSET_INCOMPATIBLE)
                 self.h.incompatible_features = bits
         if fix:
             os.fsync(self.fd)

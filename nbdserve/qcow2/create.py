@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from ..blockdev.fileio import pwrite_all
 from . import format as fmt
 from .errors import Qcow2Error
 from .header import l1_entries_needed
@@ -99,9 +100,9 @@ def create_image(path: str, size: int, *, cluster_size: int = 65536, compat: str
     refblocks = _refblocks_with_ones(total, rb_clusters * cs, refcount_bits)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.pwrite(fd, head, 0)
-        os.pwrite(fd, reftable, rt_offset)
-        os.pwrite(fd, refblocks, rb_offset)
+        pwrite_all(fd, head, 0)
+        pwrite_all(fd, reftable, rt_offset)
+        pwrite_all(fd, refblocks, rb_offset)
         os.ftruncate(fd, l1_offset + l1_clusters * cs)
         os.fsync(fd)
     finally:

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 import trio
 
 from ..blockdev import BlockDevice, Extent, ReadChunk, check_range
+from ..blockdev.fileio import pwrite_all
 from . import format as fmt
 from .comutex import CoMutex
 from .compress import decompress_cluster
 from .errors import Qcow2Error
 from .events import BlkDebug
-from .fileio import pwrite_all
 from .header import Qcow2Header, read_header
 from .l2cache import L2Cache, decode_table, encode_table
 from .policy import AllocationPolicy, policy_by_name

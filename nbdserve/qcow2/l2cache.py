@@ -14,7 +14,7 @@ from array import array
 from collections import OrderedDict
 from typing import Callable
 
-from .fileio import pwrite_all
+from ..blockdev.fileio import pwrite_all
 
 _LITTLE = sys.byteorder == "little"
 

@@ -15,8 +15,8 @@ from array import array
 from collections import OrderedDict
 from typing import Callable
 
+from ..blockdev.fileio import pwrite_all
 from . import format as fmt
-from .fileio import pwrite_all
 
 _ARRAY_CODE = {8: "B", 16: "H", 32: "I", 64: "Q"}
 _LITTLE = sys.byteorder == "little"
