@@ -141,3 +141,30 @@ async def test_lost_peer_is_a_broken_stream():
     finally:
         sender.close()
         await server.aclose()
+
+
+async def test_cancelled_send_keeps_the_unsent_rest_in_order():
+    """Shutdown cancels the reading loop while it may be sending: what the kernel had not
+    taken stays queued, and the next send() delivers the stream whole."""
+    server, client = await tcp_pair(sndbuf=64 * 1024)
+    sender = ReplySender(server)
+    try:
+        all_replies = replies(12, seed=2)
+        for parts in all_replies:
+            sender.queue(parts)
+        with trio.move_on_after(0.2) as scope:   # the peer reads nothing: the send blocks
+            await sender.send()
+        assert scope.cancelled_caught and sender.queued > 0
+        expected = b"".join(b"".join(parts) for parts in all_replies)
+        async with trio.open_nursery() as nursery:
+            result = {}
+
+            async def reader():
+                result["bytes"] = await receive_exactly(client, len(expected))
+            nursery.start_soon(reader)
+            await sender.send()
+        assert result["bytes"] == expected and sender.queued == 0
+    finally:
+        sender.close()
+        await server.aclose()
+        await client.aclose()

@@ -56,8 +56,11 @@ class ReplySender:
             while self._queue:
                 batch, self._queue = self._queue, []
                 await self._send_batch(batch)
-                self.queued -= sum(map(len, batch))
                 self._wake()
+        except trio.Cancelled:
+            if self._socket is None:   # send_all cancelled midway leaves the stream unusable
+                self._failure = trio.BrokenResourceError("reply send cancelled")
+            raise   # the socket path put back what it had not sent; the next send() goes on
         except BaseException as exc:
             self._failure = exc
             raise
@@ -76,21 +79,27 @@ class ReplySender:
     async def _send_batch(self, batch: list) -> None:
         if self._socket is None:
             await self._stream.send_all(batch[0] if len(batch) == 1 else b"".join(batch))
+            self.queued -= sum(map(len, batch))
             return
         views = [memoryview(b).cast("B") for b in batch if len(b)]
         first = 0
-        while first < len(views):
-            try:
-                sent = self._socket.sendmsg(views[first:first + IOV_MAX])
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self._socket)
-                continue
-            except OSError as exc:   # as trio.SocketStream.send_all reports a lost peer
-                raise trio.BrokenResourceError(f"socket send failed: {exc}") from exc
-            while sent:   # skip what went out; a partly sent buffer keeps its tail
-                if sent >= len(views[first]):
-                    sent -= len(views[first])
-                    first += 1
-                else:
-                    views[first] = views[first][sent:]
-                    sent = 0
+        try:
+            while first < len(views):
+                try:
+                    sent = self._socket.sendmsg(views[first:first + IOV_MAX])
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self._socket)
+                    continue
+                except OSError as exc:   # as trio.SocketStream.send_all reports a lost peer
+                    raise trio.BrokenResourceError(f"socket send failed: {exc}") from exc
+                self.queued -= sent
+                while sent:   # skip what went out; a partly sent buffer keeps its tail
+                    if sent >= len(views[first]):
+                        sent -= len(views[first])
+                        first += 1
+                    else:
+                        views[first] = views[first][sent:]
+                        sent = 0
+        except trio.Cancelled:
+            self._queue[:0] = views[first:]   # unsent, in order, ahead of what came since
+            raise

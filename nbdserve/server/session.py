@@ -20,6 +20,7 @@ from .tls import TlsHandshakeError, start_tls
 
 log = logging.getLogger("nbdserve.server")
 RECEIVE_SIZE = 256 * 1024
+REPLY_GRACE = 5.0            # seconds to send replies still queued when reading stops
 MAX_IN_FLIGHT = 256          # requests per connection; reading pauses beyond this
 
 
@@ -139,6 +140,9 @@ class Session:
                 except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
                     log.warning("%s: dropping connection: %s", self.peer, e or type(e).__name__)
                     nursery.cancel_scope.cancel()
+            if sender.queued:   # replies answered inline when reading stopped (shutdown)
+                with trio.CancelScope(shield=True), trio.move_on_after(REPLY_GRACE):
+                    await sender.send()
         finally:
             sender.close()   # its duplicate of the socket
 
