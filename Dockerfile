@@ -1,7 +1,8 @@
 # nbdserve with everything its reproductions need, on Debian bookworm.
 #
 #   podman build -t nbdserve .                      (docker build works the same)
-#   podman run --rm nbdserve                        the qemu-io scenarios: nbdserve reproduce all
+#   podman run --rm nbdserve                        every scenario: nbdserve reproduce all
+#                                                   (qemu-io's, then the dpkg guest, both clients)
 #   podman run --rm nbdserve reproduce guest --client nbd-client --runs 3
 #   podman run --rm -p 10809:10809 -v $PWD/images:/images nbdserve \
 #       serve -b 0.0.0.0 /images/top.qcow2          just serve an image

@@ -242,3 +242,24 @@ def test_reproduce_cli_json():
     for x in runs:
         assert {"scenario", "expected_md5", "actual_md5", "bad_ranges"} <= set(x)
         assert x["scenario"] == "iotest-047" and x["qemu_img_check"]["exit"] == 0
+
+
+def test_reproduce_all_without_a_guest_says_why(tmp_path):
+    """``reproduce all`` where qemu-system-x86_64 is missing: the qemu-io scenarios still
+    run, and the guest's absence is reported, not passed over."""
+    import json
+    import os
+    import shutil
+    import sys
+    from nbdserve.reproduce import SCENARIOS
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("qemu-img", "qemu-io"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    r = subprocess.run([sys.executable, "-m", "nbdserve", "reproduce", "all", "--json", "--allocator", "fixed"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "PATH": str(bin_dir)})
+    assert r.returncode == 0, r.stderr
+    runs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["scenario"] for x in runs] == [*SCENARIOS, "guest"]
+    assert all(not x["corrupted"] for x in runs[:-1])
+    assert "qemu-system-x86_64" in runs[-1]["skipped"]

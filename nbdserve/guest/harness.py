@@ -94,7 +94,7 @@ class GuestResult:
         return self.qemu_img_check.get("exit") == 0
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {"scenario": "guest", **asdict(self)}
         d["corrupted"] = self.corrupted
         return d
 
