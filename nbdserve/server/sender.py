@@ -70,6 +70,7 @@ class ReplySender:
 
     def close(self) -> None:
         if self._socket is not None:
+            trio.lowlevel.notify_closing(self._socket)   # trio: before closing an fd it may watch
             self._socket.close()
 
     def _wake(self) -> None:
