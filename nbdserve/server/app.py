@@ -15,6 +15,7 @@ import trio
 
 from ..config import ServerConfig
 from ..nbd import ExportCatalog, TlsMode
+from .commands import CONNECTION_REFUSALS, Refusals
 from .exports import Export, open_export
 from .malloc import keep_reply_buffers
 from .session import Session
@@ -81,10 +82,14 @@ class _Server:
         session = Session(stream, peer, self.exports, self.catalog, self.config.handshake_timeout,
                           self.config.verbose, self.tls_mode, self.tls_context)
         self.sessions.add(session)
+        refusals = Refusals()
+        CONNECTION_REFUSALS.set(refusals)   # this task's context, copied into its request tasks
         try:
             await session.run()
         finally:
             self.sessions.discard(session)
+            if refusals.count:
+                log.warning("%s: %s", peer, refusals.summary())
 
 
 async def _wait_for_signal(stop: trio.Event) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 
 from ..blockdev import BlockDevice, Extent, ReadChunk
 from ..nbd import (CONTEXT_BASE_ALLOCATION, BlockStatus, Command, CommandFlag, Errno, ErrorChunk, NoneChunk,
@@ -13,6 +15,27 @@ from .exports import nbd_errno
 log = logging.getLogger("nbdserve.server")
 Send = Callable[[object], Awaitable[None]]
 MAX_DESCRIPTORS = 1 << 16    # proto.md: the server MAY return fewer descriptors than asked
+
+
+@dataclasses.dataclass
+class Refusals:
+    """The requests of one connection refused for breaking proto.md, logged as one line when
+    it ends (not one line each: a client can send millions)."""
+
+    count: int = 0
+    first: str = ""
+
+    def add(self, request: Request) -> None:
+        if not self.count:
+            self.first = f"{getattr(request.command, 'name', request.command)}: {request.reason}"
+        self.count += 1
+
+    def summary(self) -> str:
+        return f"refused {self.count} request{'s' if self.count > 1 else ''}, the first {self.first}"
+
+
+# Set by the transport for each connection; request tasks inherit it.
+CONNECTION_REFUSALS: ContextVar[Refusals | None] = ContextVar("connection_refusals", default=None)
 
 
 async def execute(request: Request, device: BlockDevice, structured: bool,
@@ -26,6 +49,8 @@ async def reply_events(request: Request, device: BlockDevice, structured: bool,
                        contexts: dict[int, str]) -> list:
     """The reply events for ``request``, after performing it."""
     if request.error:
+        if (refusals := CONNECTION_REFUSALS.get()) is not None:
+            refusals.add(request)
         return _error_replies(request, request.error, request.reason, structured)
     try:
         if request.command == Command.READ:
