@@ -38,7 +38,7 @@ from .refcount import Refcounts
 # segment kinds of the guest -> host mapping
 UNALLOCATED, ZERO, DATA, COMPRESSED = range(4)
 MAX_CHAIN_DEPTH = 256
-THREADED_IO = 256 * 1024   # data runs this large are copied in a worker thread, beside the event loop
+THREADED_WRITE = 256 * 1024   # data writes this large run in a worker thread, beside the event loop
 L2_CACHE_BYTES = 32 << 20
 EXTL2_ALL_ALLOCATED = fmt.SUBCLUSTER_ALLOC_MASK
 EXTL2_ALL_ZERO = fmt.SUBCLUSTER_ZERO_MASK
@@ -73,13 +73,11 @@ def _repair_if_dirty(path: str) -> None:
 
 
 @dataclass(slots=True)
-class _Deferred:
-    """Part of a sparse read left to the caller: host data to read (``host``), or a range
-    of the backing file (``host`` None)."""
+class _BackingRange:
+    """Part of a sparse read that the backing file answers."""
 
     pos: int
     length: int
-    host: int | None
 
 
 class Qcow2Image(BlockDevice):
@@ -347,29 +345,26 @@ class Qcow2Image(BlockDevice):
         return data
 
     async def read_sparse(self, offset: int, length: int) -> list[ReadChunk]:
-        if length < THREADED_IO:
-            chunks = self.read_sparse_now(offset, length)
-            if chunks is not None:
-                return chunks
+        chunks = self.read_sparse_now(offset, length)
+        if chunks is not None:
+            return chunks
         chunks = []
-        for piece in self._read_plan(offset, length, threaded=True):
+        for piece in self._read_plan(offset, length):
             if isinstance(piece, ReadChunk):
                 chunks.append(piece)
-            elif piece.host is None:
+            else:
                 chunks.extend(await self.backing.read_sparse(piece.pos, piece.length))
-            else:   # a large copy runs in a worker thread, beside the event loop's sends
-                data = await trio.to_thread.run_sync(os.pread, self.fd, piece.length, piece.host)
-                chunks.append(self._data_chunk(piece.host, piece.pos, piece.length, data))
         return chunks
 
     def read_sparse_now(self, offset: int, length: int) -> list[ReadChunk] | None:
-        """read_sparse() in one synchronous pass (page cache, cached or read-in L2 tables), or
-        None when it should wait: a large read (THREADED_IO), a backing layer that must
-        wait, or armed blkdebug events."""
-        if self.events.armed or length >= THREADED_IO:
+        """read_sparse() in one synchronous pass, or None when it would wait: a backing
+        layer that must, or armed blkdebug events.  Data is read with pread(2) at once, as
+        RawFile does: the page cache answers faster than a hand-off to a worker thread
+        (bench/README.md), at the price of a read that misses it holding up the event loop."""
+        if self.events.armed:
             return None
         chunks: list[ReadChunk] = []
-        for piece in self._read_plan(offset, length, threaded=False):
+        for piece in self._read_plan(offset, length):
             if isinstance(piece, ReadChunk):
                 chunks.append(piece)
                 continue
@@ -379,29 +374,27 @@ class Qcow2Image(BlockDevice):
             chunks.extend(below)
         return chunks
 
-    def _read_plan(self, offset: int, length: int, threaded: bool) -> list[ReadChunk | _Deferred]:
-        """A sparse read's pieces: chunks read now, and what is left for the caller: data
-        runs of THREADED_IO bytes or more (when ``threaded``) and backing-file ranges."""
+    def _read_plan(self, offset: int, length: int) -> list[ReadChunk | _BackingRange]:
+        """A sparse read's pieces: the chunks of this layer, read now, and the ranges left
+        to the backing file."""
         check_range(self.size, offset, length)
-        pieces: list[ReadChunk | _Deferred] = []
+        pieces: list[ReadChunk | _BackingRange] = []
         backing_size = self.backing.size if self.backing is not None else 0
         for kind, pos, n, host in self._map(offset, length):
             if kind == DATA:
-                pieces.append(_Deferred(pos, n, host) if threaded and n >= THREADED_IO
-                              else self._data_chunk(host, pos, n))
+                pieces.append(self._data_chunk(host, pos, n))
             elif kind == COMPRESSED:
                 pieces.append(ReadChunk(pos, n, self._read_compressed(host)[pos & (self.cluster_size - 1):][:n]))
             else:
                 inside = min(n, max(0, backing_size - pos)) if kind == UNALLOCATED else 0
                 if inside:
-                    pieces.append(_Deferred(pos, inside, None))
+                    pieces.append(_BackingRange(pos, inside))
                 if inside < n:
                     pieces.append(ReadChunk(pos + inside, n - inside, None))
         return pieces
 
-    def _data_chunk(self, host: int, pos: int, n: int, data: bytes | None = None) -> ReadChunk:
-        if data is None:
-            data = os.pread(self.fd, n, host)   # not zero-filled first, unlike a bytearray
+    def _data_chunk(self, host: int, pos: int, n: int) -> ReadChunk:
+        data = os.pread(self.fd, n, host)   # not zero-filled first, unlike a bytearray
         if len(data) < n:   # past the end of the file: zeros, or corruption (see _pread_host)
             buf = bytearray(n)
             self._pread_host(host, memoryview(buf))
@@ -414,7 +407,7 @@ class Qcow2Image(BlockDevice):
         Only when no request holds the lock and no blkdebug event is armed, so the
         allocator's interleavings are exactly those of pwrite()."""
         if (self.events.armed or self.lock.locked() or self.read_only or self.corrupt
-                or len(data) >= THREADED_IO):
+                or len(data) >= THREADED_WRITE):
             return False
         check_range(self.size, offset, len(data))
         cmask = self.cluster_size - 1
@@ -569,7 +562,7 @@ class Qcow2Image(BlockDevice):
 
     async def _write_data(self, host: int, chunk: memoryview) -> None:
         await self.events.fire("write_aio")
-        if len(chunk) >= THREADED_IO:   # s->lock is not held: other requests go on meanwhile
+        if len(chunk) >= THREADED_WRITE:   # s->lock is not held: other requests go on meanwhile
             await trio.to_thread.run_sync(pwrite_all, self.fd, chunk, host)
         else:
             pwrite_all(self.fd, chunk, host)
