@@ -1,17 +1,21 @@
 """Hostile images: each flaw, patched into a qemu-made image, makes opening fail quickly with a
-Qcow2Error naming it; an L2 entry past the end of the file fails the read and marks the image corrupt."""
+Qcow2Error naming it, and ``nbdserve serve`` exit 1 with one line naming it; an L2 entry past the
+end of the file fails the read and marks the image corrupt."""
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import struct
+import subprocess
 import time
 
 import pytest
 
 from nbdserve.qcow2 import Qcow2Error, Qcow2Image
 
+from conftest import free_port, nbdserve_command
 from qemu_tools import create, info, needs_qemu, qemu_img, qemu_io
 
 pytestmark = needs_qemu
@@ -67,56 +71,109 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_bad_header(tmp_path, name):
-    patches, match = CASES[name]
-    assert_open_fails(patched(tmp_path, *patches), match)
-
-
-def test_version_1_on_v2_image(tmp_path):
-    assert_open_fails(patched(tmp_path, ("I", VERSION, 1), compat="0.10"), "(?i)version 1")
-
-
-def test_truncated_header(tmp_path):
+def truncated_header(tmp_path) -> str:
     path = create(tmp_path / "img.qcow2", 1 << 20)
     with open(path, "r+b") as f:
         f.truncate(50)
-    assert_open_fails(path, "(?i)truncated|too short")
+    return path
 
 
-def test_empty_file(tmp_path):
+def empty_file(tmp_path) -> str:
     path = tmp_path / "empty.qcow2"
     path.write_bytes(b"")
-    assert_open_fails(path, "(?i)magic|not in qcow2 format")
+    return str(path)
 
 
-def test_backing_loop(tmp_path):
+def backing_loop(tmp_path) -> str:
     create(tmp_path / "a.qcow2", 1 << 20)
     create(tmp_path / "b.qcow2", 1 << 20, backing="a.qcow2")
     create(tmp_path / "c.qcow2", 1 << 20, backing="b.qcow2")
     qemu_img("rebase", "-u", "-b", "c.qcow2", "-F", "qcow2", str(tmp_path / "a.qcow2"))
-    assert_open_fails(tmp_path / "c.qcow2", "(?i)loop")
+    return str(tmp_path / "c.qcow2")
 
 
-def test_self_backing(tmp_path):
+def self_backing(tmp_path) -> str:
     create(tmp_path / "a.qcow2", 1 << 20)
     qemu_img("rebase", "-u", "-b", "a.qcow2", "-F", "qcow2", str(tmp_path / "a.qcow2"))
-    assert_open_fails(tmp_path / "a.qcow2", "(?i)loop")
+    return str(tmp_path / "a.qcow2")
 
 
-def test_missing_backing(tmp_path):
+def missing_backing(tmp_path) -> str:
     create(tmp_path / "gone.qcow2", 1 << 20)
     create(tmp_path / "top.qcow2", 1 << 20, backing="gone.qcow2", backing_fmt="qcow2")
     os.unlink(tmp_path / "gone.qcow2")
-    assert_open_fails(tmp_path / "top.qcow2", "gone.qcow2.*No such file")
+    return str(tmp_path / "top.qcow2")
 
 
-def test_missing_backing_deeper_in_chain(tmp_path):
+def missing_backing_deeper_in_chain(tmp_path) -> str:
     (tmp_path / "gone.raw").write_bytes(bytes(1 << 20))
     create(tmp_path / "mid.qcow2", 1 << 20, backing="gone.raw", backing_fmt="raw")
     create(tmp_path / "top.qcow2", 1 << 20, backing="mid.qcow2")
     os.unlink(tmp_path / "gone.raw")
-    assert_open_fails(tmp_path / "top.qcow2", "gone.raw.*No such file")
+    return str(tmp_path / "top.qcow2")
+
+
+# Every bad image: name -> (a function making it in tmp_path, what the refusal must say)
+BAD_IMAGES = {name: (lambda tmp_path, patches=patches: patched(tmp_path, *patches), match)
+              for name, (patches, match) in CASES.items()}
+BAD_IMAGES.update({
+    "version-1-on-v2": (lambda tmp_path: patched(tmp_path, ("I", VERSION, 1), compat="0.10"), "(?i)version 1"),
+    "truncated-header": (truncated_header, "(?i)truncated|too short"),
+    "empty-file": (empty_file, "(?i)magic|not in qcow2 format"),
+    "backing-loop": (backing_loop, "(?i)loop"),
+    "self-backing": (self_backing, "(?i)loop"),
+    "missing-backing": (missing_backing, "gone.qcow2.*No such file"),
+    "missing-backing-deeper": (missing_backing_deeper_in_chain, "gone.raw.*No such file"),
+})
+
+
+@pytest.mark.parametrize("name", list(BAD_IMAGES))
+def test_bad_image_refused_at_open(tmp_path, name):
+    make, match = BAD_IMAGES[name]
+    assert_open_fails(make(tmp_path), match)
+
+
+SERVE_SECONDS = 1.0          # issue 7: refused "in under a second and with bounded memory"
+SERVE_MAX_RSS = 100 << 20    # nbdserve serve starts at about 35 MiB; an L1 table of 2^28 entries is 2 GiB
+
+
+def wait_with_usage(proc: subprocess.Popen, timeout: float):
+    """Wait for ``proc`` (killing it after ``timeout`` s); its exit code and resource usage."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return proc.returncode, usage
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"still running after {timeout} s: {proc.args}")
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("name", list(BAD_IMAGES))
+def test_serve_refuses_bad_image(tmp_path, name):
+    """``nbdserve serve -f qcow2 IMAGE`` exits 1 with one line naming the flaw, in under a second
+    of CPU time (wall time is reported too; this machine is shared) and without a large
+    allocation.  (Without -f, a file whose magic is not qcow2's is probed as raw and served,
+    as qemu-nbd does.)"""
+    make, match = BAD_IMAGES[name]
+    path = make(tmp_path)
+    start = time.monotonic()
+    proc = subprocess.Popen([*nbdserve_command(), "serve", "-f", "qcow2", "-p", str(free_port()), path],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    returncode, usage = wait_with_usage(proc, 10 * SERVE_SECONDS)
+    wall = time.monotonic() - start
+    out, err = proc.communicate()
+    assert returncode == 1, (returncode, out, err)
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nbdserve: error: "), err
+    assert re.search(match, lines[0]), lines[0]
+    cpu = usage.ru_utime + usage.ru_stime
+    print(f"{name}: {cpu:.2f} s CPU, {wall:.2f} s wall, {usage.ru_maxrss / 1024:.0f} MiB: {lines[0]}")
+    assert cpu < SERVE_SECONDS
+    assert usage.ru_maxrss * 1024 < SERVE_MAX_RSS
 
 
 def l2_entry_offset(path, guest_cluster: int) -> int:
