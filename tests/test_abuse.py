@@ -580,8 +580,6 @@ async def test_clients_vanishing_with_requests_in_flight(tmp_path):
     check_table(table, good)
 
 
-@pytest.mark.xfail(strict=True, reason="session.py: a request task that finds the client gone cancels the "
-                   "connection without a log line (run_request's BrokenResourceError branch)")
 async def test_client_vanishing_with_requests_in_flight_is_logged(tmp_path):
     async with abused_server(tmp_path) as (served, log, good):
         abuse = Abuse(served.port, log)

@@ -34,6 +34,7 @@ class Session:
         self.exports, self.catalog = exports, catalog
         self.handshake_timeout, self.verbose = handshake_timeout, verbose
         self._stopping = False
+        self._lost = False                 # "connection lost" logged (once per connection)
         self._reading: trio.CancelScope | None = None   # cancelled to stop taking requests
 
     def stop_reading(self) -> None:
@@ -57,7 +58,7 @@ class Session:
         except ProtocolError as e:
             log.warning("%s: protocol error: %s", self.peer, e)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            log.info("%s: connection lost: %s", self.peer, e or type(e).__name__)
+            self._log_lost(e)
         except Exception:   # noqa: BLE001 - a broken client or handler must not stop the server
             log.exception("%s: connection failed", self.peer)
         finally:
@@ -112,8 +113,9 @@ class Session:
         async def run_request(request: Request) -> None:
             try:
                 await execute(request, device, structured, negotiated.meta_contexts, send)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                nursery.cancel_scope.cancel()   # the client is gone
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                self._log_lost(e)   # the client is gone
+                nursery.cancel_scope.cancel()
             except Exception:   # noqa: BLE001
                 log.exception("%s: request %r failed", self.peer, request)
                 nursery.cancel_scope.cancel()
@@ -137,14 +139,23 @@ class Session:
                         reason = await self._read_requests(conn, limiter, sender, answer_now,
                                                            lambda r: nursery.start_soon(run_request, r))
                         log.info("%s: %s", self.peer, reason)
-                except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                    log.warning("%s: dropping connection: %s", self.peer, e or type(e).__name__)
+                except ProtocolError as e:
+                    log.warning("%s: dropping connection: %s", self.peer, e)
                     nursery.cancel_scope.cancel()
-            if sender.queued:   # replies answered inline when reading stopped (shutdown)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                    self._log_lost(e)
+                    nursery.cancel_scope.cancel()
+            if sender.queued and not self._lost:   # answered inline when reading stopped (shutdown)
                 with trio.CancelScope(shield=True), trio.move_on_after(REPLY_GRACE):
                     await sender.send()
         finally:
             sender.close()   # its duplicate of the socket
+
+    def _log_lost(self, exc: BaseException) -> None:
+        """One line when the client is found gone, by whichever task finds it first."""
+        if not self._lost:
+            self._lost = True
+            log.info("%s: connection lost: %s", self.peer, exc or type(exc).__name__)
 
     async def _read_requests(self, conn, limiter, sender, answer_now, spawn) -> str:
         while True:
