@@ -45,6 +45,8 @@ _REPAIR_MODES = {None: 0, "leaks": FIX_LEAKS, "all": FIX_LEAKS | FIX_ERRORS}
 
 # qcow2.txt: "Snapshot table entry" fixed part (matches fmt.SnapshotEntry up to extra_data)
 _SNAPSHOT_FIXED = struct.Struct(">QIHHIIQII")
+MAX_SNAPSHOT_EXTRA_DATA = 1024      # qemu: QCOW_MAX_SNAPSHOT_EXTRA_DATA
+MAX_SNAPSHOTS_SIZE = 64 << 20       # qemu: QCOW_MAX_SNAPSHOTS_SIZE
 # qcow2.txt / bitmaps.txt: "Bitmap directory entry" fixed part
 _BITMAP_DIR_FIXED = struct.Struct(">QIIBBHI")
 BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
@@ -151,9 +153,13 @@ def read_snapshot_table(fd: int, h: Qcow2Header) -> tuple[list[SnapshotInfo], in
             raise Qcow2Error(f"Snapshot table entry at {pos:#x} lies past the end of the file")
         (l1_off, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state,
          extra_len) = _SNAPSHOT_FIXED.unpack(fixed)
+        if extra_len > MAX_SNAPSHOT_EXTRA_DATA:   # qemu: qcow2_do_read_snapshots()
+            raise Qcow2Error(f"Too much extra metadata in snapshot table entry at {pos:#x}: {extra_len} bytes")
         pos += _SNAPSHOT_FIXED.size
         rest = os.pread(fd, extra_len + id_len + name_len, pos)
         pos = (pos + extra_len + id_len + name_len + 7) & ~7
+        if pos - h.snapshots_offset > MAX_SNAPSHOTS_SIZE:
+            raise Qcow2Error(f"Snapshot table is too big: more than {MAX_SNAPSHOTS_SIZE} bytes")
         extra, names = rest[:extra_len], rest[extra_len:]
         # qcow2.txt: optional extra data: vm_state_size_large, disk_size, icount
         if len(extra) >= 8:

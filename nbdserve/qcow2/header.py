@@ -92,6 +92,7 @@ def read_header(fd: int) -> Qcow2Header:
         (h.incompatible_features, h.compatible_features, h.autoclear_features,
          h.refcount_order, h.header_length) = fmt.HEADER_V3_STRUCT.unpack_from(raw, fmt.HEADER_V2_SIZE)
     _validate(h, file_size)
+    h.size &= ~511   # qemu: bs->total_sectors = header.size / BDRV_SECTOR_SIZE (a partial sector is not seen)
     if version == 3 and h.header_length > fmt.HEADER_V3_SIZE:
         h.compression_type = raw[fmt.HEADER_V3_SIZE] if len(raw) > fmt.HEADER_V3_SIZE else 0
     _read_extensions(fd, h, file_size)
@@ -160,18 +161,19 @@ def _read_extensions(fd: int, h: Qcow2Header, file_size: int) -> None:
         ext_type = int.from_bytes(blob[off:off + 4], "big")
         length = int.from_bytes(blob[off + 4:off + 8], "big")
         off += 8
+        if length > len(blob) - off:   # qemu checks this before the end marker too
+            raise Qcow2Error(f"Header extension {ext_type:#x} too large: {length} bytes")
         if ext_type == fmt.EXT_END:
             break
-        if length > len(blob) - off:
-            raise Qcow2Error(f"Header extension {ext_type:#x} too large: {length} bytes")
         data = bytes(blob[off:off + length])
         off += (length + 7) & ~7
         if ext_type == fmt.EXT_BACKING_FORMAT:
             h.backing_format = data.decode("ascii", "replace").rstrip("\0")
         elif ext_type == fmt.EXT_FEATURE_TABLE:
             for i in range(0, length - length % 48, 48):
-                e = fmt.FeatureNameEntry.parse(data[i:i + 48])
-                h.feature_names[(e.type, e.bit)] = e.name.rstrip("\0")
+                # fmt.FeatureNameEntry, unpacked by hand: a hostile name need not be ASCII
+                kind, bit, name = data[i], data[i + 1], data[i + 2:i + 48]
+                h.feature_names[(kind, bit)] = name.rstrip(b"\0").decode("ascii", "replace")
         elif ext_type == fmt.EXT_BITMAPS:
             h.bitmaps_extension = data
         elif ext_type == fmt.EXT_DATA_FILE:

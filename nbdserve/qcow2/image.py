@@ -33,7 +33,7 @@ from .events import BlkDebug
 from .header import Qcow2Header, read_header
 from .l2cache import L2Cache, decode_table, encode_table
 from .policy import AllocationPolicy, policy_by_name
-from .refcount import Refcounts
+from .refcount import CorruptRefcounts, Refcounts
 
 # segment kinds of the guest -> host mapping
 UNALLOCATED, ZERO, DATA, COMPRESSED = range(4)
@@ -219,6 +219,19 @@ class Qcow2Image(BlockDevice):
                     pass
         return OSError(errno.EIO, f"{self.path}: corrupt image: {message}")
 
+    def _alloc(self, n: int, at: int = 0) -> tuple[int, int]:
+        """(host offset, clusters) of new clusters: ``n`` anywhere, or up to ``n`` exactly ``at``.
+        Refcounts broken so that they would hand out the header, the refcount table or the
+        active L1 table are corruption (qemu: qcow2_pre_write_overlap_check)."""
+        try:
+            host, count = (at, self.refcounts.alloc_at(at, n)) if at else (self.refcounts.alloc(n), n)
+        except CorruptRefcounts as e:
+            raise self._corruption(e.strerror) from None
+        l1_start = self.header.l1_table_offset
+        if count and host < l1_start + len(self.l1) * 8 and l1_start < host + count * self.cluster_size:
+            raise self._corruption(f"refcount of the active L1 table at {l1_start:#x} is 0: the refcounts are corrupt")
+        return host, count
+
     # ------------------------------------------------------------ mapping
     def _l2_table_for(self, l1_index: int) -> array | None:
         if l1_index >= len(self.l1):
@@ -242,7 +255,9 @@ class Qcow2Image(BlockDevice):
             if bitmap & (1 << sub):
                 return DATA
             return UNALLOCATED
-        if entry & fmt.QCOW_OFLAG_ZERO and self.version >= 3:
+        if entry & fmt.QCOW_OFLAG_ZERO:
+            if self.version < 3:   # qemu: "Zero cluster entry found in pre-v3 image"
+                raise self._corruption(f"zero cluster entry {entry:#x} in a version 2 image")
             return ZERO
         return DATA if entry & fmt.L2E_OFFSET_MASK else UNALLOCATED
 
@@ -497,7 +512,7 @@ class Qcow2Image(BlockDevice):
             return table, (pos >> self.cluster_bits) & (self.l2_entries - 1)
         old_off = l1e & fmt.L1E_OFFSET_MASK
         old = self._l2_table_for(l1_index) if old_off else None
-        new_off = self.refcounts.alloc(1)
+        new_off, _ = self._alloc(1)
         table = array("Q", old) if old is not None else array("Q", bytes(self.cluster_size))
         await self.events.fire("l2_alloc_write")
         # the table is new: it reaches the disk at flush, before the L1 entry pointing at it
@@ -596,9 +611,9 @@ class Qcow2Image(BlockDevice):
             if nb_clusters:
                 if alloc_host == 0:
                     await self.events.fire("cluster_alloc")
-                    alloc_host = self.refcounts.alloc(nb_clusters)
+                    alloc_host, _ = self._alloc(nb_clusters)
                 else:
-                    nb_clusters = self.refcounts.alloc_at(alloc_host, nb_clusters)
+                    _, nb_clusters = self._alloc(nb_clusters, at=alloc_host)
             meta = None
             if nb_clusters:
                 requested = n_end - keep * cs

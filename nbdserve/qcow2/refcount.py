@@ -35,6 +35,10 @@ def _decode(raw: bytes, bits: int) -> array:
     return array("B", [(b >> (i * bits)) & mask for b in raw for i in range(per_byte)])
 
 
+class CorruptRefcounts(OSError):
+    """The refcounts would hand out a cluster that holds fixed metadata."""
+
+
 class Refcounts:
     """The refcount table and a bounded cache of decoded refcount blocks."""
 
@@ -69,6 +73,8 @@ class Refcounts:
         off = self.table[ti] & fmt.REFT_OFFSET_MASK
         if not off:
             return None
+        if off & (self.cluster_size - 1) or off >= 1 << 63:   # qemu: "Refblock offset ... unaligned"; off_t
+            raise OSError(errno.EIO, f"refcount block offset {off:#x} invalid (refcount table index {ti})")
         self.on_event("refblock_load")
         raw = os.pread(self.fd, self.cluster_size, off)
         if len(raw) < self.cluster_size:
@@ -128,9 +134,22 @@ class Refcounts:
         c = self.free_cluster_index
         run = 0
         while run < n:
-            run = run + 1 if self.get(c) == 0 else 0
+            if self.get(c) == 0:
+                self.check_not_fixed_metadata(c)
+                run += 1
+            else:
+                run = 0
             c += 1
         return c - n
+
+    def check_not_fixed_metadata(self, cluster: int) -> None:
+        """The header and the refcount table are always in use: counted free, the refcounts are
+        corrupt and handing them out would overwrite them (qemu: qcow2_pre_write_overlap_check)."""
+        offset = cluster << self.cluster_bits
+        if cluster == 0 or self.table_offset <= offset < self.table_offset + len(self.table) * 8:
+            raise CorruptRefcounts(errno.EIO, f"refcount of cluster {offset:#x} ("
+                                   f"{'the header' if cluster == 0 else 'the refcount table'}) is 0: "
+                                   "the refcounts are corrupt")
 
     def alloc(self, n: int) -> int:
         """Allocate ``n`` contiguous clusters; returns the host offset."""
@@ -150,6 +169,7 @@ class Refcounts:
         first = offset >> self.cluster_bits
         count = 0
         while count < n and self.get(first + count) == 0:
+            self.check_not_fixed_metadata(first + count)
             count += 1
         if count == 0:
             return 0
