@@ -627,3 +627,25 @@ async def connection_limit(tmp_path, log: PeerLog, limit: int, excess: int) -> i
         await trio.to_thread.run_sync(h.shutdown)
         nursery.cancel_scope.cancel()
     return excess
+
+
+async def test_pipelined_big_writes_to_a_slow_image_hold_bounded_memory(tmp_path, nursery):
+    """64 writes of 32 MiB (the advertised maximum) pipelined at an image whose writes are
+    slow (a write_aio delay): 2 GiB announced.  The server stops reading while 64 MiB of
+    payload waits in request tasks (server/inflight.py) instead of buffering them all."""
+    image = tmp_path / "slow.qcow2"
+    await run("qemu-img", "create", "-q", "-f", "qcow2", str(image), "4G")
+    served = await start_server(nursery, [ExportConfig("slow", str(image), "qcow2", delays={"write_aio": 1.0})])
+    c = await Client.connect(served.port)
+    await c.negotiate(export="slow", structured=False)
+    sent = 0
+    with PeakGrowth() as growth:
+        with trio.move_on_after(4):   # the server stops reading: the sends block
+            for i in range(64):
+                await c.send(request(WRITE, i * 32 * MiB, 32 * MiB, cookie=i))
+                for _ in range(32 * MiB // len(JUNK)):
+                    await c.send(JUNK)
+                    sent += len(JUNK)
+        await c.close()
+    assert sent < 16 * 32 * MiB, "the server read everything: nothing held it back"
+    assert growth.mib < 160, f"peak RSS grew {growth.mib:.0f} MiB for {sent >> 20} MiB received"

@@ -15,13 +15,13 @@ import trio
 from ..nbd import NEED_DATA, Disconnect, Negotiated, ProtocolError, Request, ServerConnection, StartTLS, TlsMode
 from .commands import execute, replies_now
 from .exports import Export
+from .inflight import InFlight, buffered_bytes
 from .sender import HIGH_WATER, ReplySender
 from .tls import TlsHandshakeError, start_tls
 
 log = logging.getLogger("nbdserve.server")
 RECEIVE_SIZE = 256 * 1024
 REPLY_GRACE = 5.0            # seconds to send replies still queued when reading stops
-MAX_IN_FLIGHT = 256          # requests per connection; reading pauses beyond this
 
 
 class Session:
@@ -103,7 +103,7 @@ class Session:
     async def _transmission(self, conn: ServerConnection, negotiated: Negotiated) -> None:
         export = self.exports[negotiated.export.name]
         device, structured = export.device, negotiated.structured_replies
-        limiter = trio.Semaphore(MAX_IN_FLIGHT)
+        in_flight = InFlight()
         sender = ReplySender(self.stream)
 
         async def send(event) -> None:
@@ -120,7 +120,7 @@ class Session:
                 log.exception("%s: request %r failed", self.peer, request)
                 nursery.cancel_scope.cancel()
             finally:
-                limiter.release()
+                in_flight.done(buffered_bytes(request))
 
         def answer_now(request: Request) -> bool:
             """Reads the page cache serves and writes in place are answered here, without a
@@ -136,7 +136,7 @@ class Session:
             async with trio.open_nursery() as nursery:
                 try:
                     with self._reading_scope():
-                        reason = await self._read_requests(conn, limiter, sender, answer_now,
+                        reason = await self._read_requests(conn, in_flight, sender, answer_now,
                                                            lambda r: nursery.start_soon(run_request, r))
                         log.info("%s: %s", self.peer, reason)
                 except ProtocolError as e:
@@ -157,7 +157,7 @@ class Session:
             self._lost = True
             log.info("%s: connection lost: %s", self.peer, exc or type(exc).__name__)
 
-    async def _read_requests(self, conn, limiter, sender, answer_now, spawn) -> str:
+    async def _read_requests(self, conn, in_flight, sender, answer_now, spawn) -> str:
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
@@ -178,8 +178,5 @@ class Session:
                     if sender.queued > HIGH_WATER:
                         await sender.send()
                     continue
-                try:
-                    limiter.acquire_nowait()   # no checkpoint per request while below the limit
-                except trio.WouldBlock:
-                    await limiter.acquire()
+                await in_flight.admit(buffered_bytes(event))
                 spawn(event)
