@@ -4,7 +4,7 @@ Names are imported on first use, as in nbdserve.qcow2: ``nbdserve check`` needs
 fileio.pwrite_all, not Trio (which RawFile's flush brings in).
 """
 
-from importlib import import_module
+from .._lazy import lazy_getattr
 
 _EXPORTS = {
     "BlockDevice": ".base",
@@ -15,8 +15,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -5,7 +5,7 @@ Names are imported on first use, so that ``nbdserve check`` does not pay for
 Trio and the write path at start-up.
 """
 
-from importlib import import_module
+from .._lazy import lazy_getattr
 
 _EXPORTS = {
     "Qcow2Error": ".errors",
@@ -16,8 +16,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
