@@ -112,9 +112,7 @@ class ServerConnection:
 
     def send(self, event) -> bytes:
         """Encode a reply event (transmission phase only)."""
-        if self.replies is None or self.state not in TRANSMISSION:
-            raise LocalProtocolError(f"cannot send {type(event).__name__} in state {self.state.name}")
-        return self.replies.encode(event)
+        return b"".join(self.send_parts(event))
 
     def send_parts(self, event) -> list:
         """Like send(), as a list of buffers whose concatenation is the reply (no copy of read data)."""

@@ -39,9 +39,6 @@ class ReplyEncoder:
         if not pending:
             del self._in_flight[cookie]
 
-    def encode(self, event) -> bytes:
-        return b"".join(self.encode_parts(event))
-
     def encode_parts(self, event) -> list:
         """The reply as buffers to send in order (read data is not copied: scatter-gather)."""
         command, length = self._request(event.cookie)

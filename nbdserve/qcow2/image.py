@@ -360,10 +360,7 @@ class Qcow2Image(BlockDevice):
         return data
 
     async def read_sparse(self, offset: int, length: int) -> list[ReadChunk]:
-        chunks = self.read_sparse_now(offset, length)
-        if chunks is not None:
-            return chunks
-        chunks = []
+        chunks: list[ReadChunk] = []
         for piece in self._read_plan(offset, length):
             if isinstance(piece, ReadChunk):
                 chunks.append(piece)
