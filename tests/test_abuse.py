@@ -71,12 +71,21 @@ class PeerLog(logging.Handler):
         peer, _, rest = record.getMessage().partition(": ")
         self.by_peer[peer].append((record.levelno, rest, record.exc_info is not None))
 
+    def _first_connection(self, peer: str) -> list[tuple[int, str, bool]]:
+        """The peer's lines up to where a later connection from the same client port starts."""
+        entries = self.by_peer[peer]
+        later = next((i for i, (_, rest, _) in enumerate(entries) if i and rest == "connected"), len(entries))
+        return entries[:later]
+
     async def verdict(self, peer: str, offence: str, end: str = "disconnected") -> str:
-        """Wait for the connection's ``end`` line; exactly one line must match ``offence``."""
+        """Wait for the connection's ``end`` line; exactly one line must match ``offence``.
+        The connection's lines are then taken off the peer's list: a later connection may get
+        the same client port, and its lines are its own."""
         with trio.fail_after(IO_TIMEOUT):
-            while not any(rest == end for _, rest, _ in self.by_peer[peer]):
+            while not any(rest == end for _, rest, _ in self._first_connection(peer)):
                 await trio.sleep(0.005)
-        lines = self.by_peer[peer]
+        lines = self._first_connection(peer)
+        del self.by_peer[peer][:len(lines)]
         assert not any(exc for _, _, exc in lines), f"traceback logged for {peer}: {lines}"
         assert all(level < logging.ERROR for level, _, _ in lines), lines
         named = [rest for _, rest, _ in lines if re.search(offence, rest)]
