@@ -2,23 +2,23 @@
 
 Errors are one line on stderr, ``nbdserve: error: ...``; exit status 2 for bad
 usage (flags, config file), 1 for failures at run time (images, sockets).
+
+A command imports what it runs, when it runs: ``nbdserve check`` loads neither the
+config module (tomllib, dataclasses) nor logging, Trio or the reproduce scenarios.
 """
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
-import logging
 import os
 import re
 import sys
-from pathlib import Path
-from urllib.parse import quote
 
-from .config import (
-    ALLOCATORS, DEFAULT_PORT, FORMATS, TLS_MODES, ConfigError, ExportConfig, ServerConfig, TlsConfig,
-    check_delays, check_inject_errors, load_config,
-)
+TYPE_CHECKING = False    # typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .config import ExportConfig, ServerConfig, TlsConfig
 
 PROG = "nbdserve"
 EXIT_RUNTIME = 1
@@ -34,7 +34,32 @@ class CliError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but errors are one line and exit 2."""
+    """argparse, but errors are one line and exit 2.
+
+    ``populate(parser)`` adds a subcommand's arguments when that subcommand is parsed or its
+    help shown, so that parsing one command never imports what the others' flags need.
+    """
+
+    def __init__(self, *args, populate=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._populate = populate
+
+    def _add_arguments(self) -> None:
+        populate, self._populate = self._populate, None
+        if populate is not None:
+            populate(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._add_arguments()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._add_arguments()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._add_arguments()
+        return super().format_help()
 
     def error(self, message: str):  # type: ignore[override]
         sub = self.prog.removeprefix(PROG).strip()
@@ -113,6 +138,8 @@ def parse_create_options(texts: list[str]) -> dict[str, object]:
 def export_uris(config: ServerConfig, export: ExportConfig) -> list[str]:
     """The URIs a client uses to reach ``export``: nbd:// for TCP, nbd+unix:// for the socket
     (nbds://, nbds+unix:// when TLS is required, as libnbd spells them)."""
+    import ipaddress
+    from urllib.parse import quote
     name = quote(export.name, safe="")
     scheme = "nbds" if config.tls is not None and config.tls.mode == "require" else "nbd"
     uris = []
@@ -157,6 +184,7 @@ def _one_line(exc: BaseException) -> str:
 def setup_logging(verbose: bool) -> None:
     """Log records go to stderr, one line per event (connect, negotiation, disconnect,
     errors); -v / verbose = true adds a line per request."""
+    import logging
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("nbdserve: %(message)s"))
     root = logging.getLogger("nbdserve")
@@ -205,6 +233,9 @@ def run(config: ServerConfig) -> int:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    from .config import (
+        ConfigError, ExportConfig, ServerConfig, check_delays, check_inject_errors, load_config,
+    )
     if args.config is not None:
         if args.image is not None:
             raise CliError("serve: give either IMAGE or --config, not both", EXIT_USAGE)
@@ -268,6 +299,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 def tls_from_args(args: argparse.Namespace) -> TlsConfig | None:
     """--tls-cert/--tls-key[/--tls-ca] [--tls require|on|off]: TLS is required unless --tls says otherwise."""
+    from .config import TlsConfig
     if args.tls_cert is None and args.tls_key is None:
         if args.tls_ca is not None:
             raise CliError("serve: --tls-ca needs --tls-cert and --tls-key", EXIT_USAGE)
@@ -337,6 +369,7 @@ def make_demo_chain(folder: Path) -> None:
 
 
 def find_demo_config(explicit: str | None) -> Path:
+    from pathlib import Path
     if explicit is not None:
         return Path(explicit)
     for candidate in (Path.cwd() / "conf" / "demo.toml",
@@ -348,6 +381,9 @@ def find_demo_config(explicit: str | None) -> Path:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .config import ConfigError, load_config
     path = find_demo_config(args.config)
     try:
         config = load_config(path)
@@ -424,12 +460,9 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 # -- the parser ---------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="NBD server for qcow2 and raw images.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
+def _serve_arguments(s: argparse.ArgumentParser) -> None:
+    from .config import ALLOCATORS, DEFAULT_PORT, FORMATS, TLS_MODES
 
-    s = sub.add_parser("serve", help="serve an image (or the exports of a config file) over NBD")
     s.add_argument("image", nargs="?", metavar="IMAGE", help="the image file to serve")
     s.add_argument("--config", metavar="FILE", help="serve the exports of this TOML file")
     s.add_argument("-x", "--export-name", metavar="NAME", help='export name (default: "")')
@@ -456,12 +489,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require (default with --tls-cert): plain clients refused; on: TLS offered; off")
     s.set_defaults(func=cmd_serve)
 
-    d = sub.add_parser("demo", help="create the demo backing chain under conf/demo/ and serve it")
+
+def _demo_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument("--port", "-p", type=int, metavar="PORT", help="TCP port (default: the config's)")
     d.add_argument("--config", metavar="FILE", help="demo config (default: conf/demo.toml)")
     d.set_defaults(func=cmd_demo)
 
-    c = sub.add_parser("create", help="create a raw or qcow2 image")
+
+def _create_arguments(c: argparse.ArgumentParser) -> None:
+    from .config import FORMATS
+
     c.add_argument("-f", dest="format", choices=FORMATS, default="raw", help="format (default: raw)")
     c.add_argument("-b", dest="backing", metavar="BACKING", help="backing file (qcow2)")
     c.add_argument("-F", dest="backing_format", choices=FORMATS, metavar="FMT", help="backing file format")
@@ -472,10 +509,29 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("size", nargs="?", metavar="SIZE", help="size with an optional K/M/G/T suffix")
     c.set_defaults(func=cmd_create)
 
+
+def _reproduce_arguments(r: argparse.ArgumentParser) -> None:
+    from .reproduce.cli import add_arguments
+
+    add_arguments(r)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """nbdserve's parser; each subcommand's arguments are added when it is used (_Parser)."""
+    parser = _Parser(prog=PROG, description="NBD server for qcow2 and raw images.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    sub.add_parser("serve", help="serve an image (or the exports of a config file) over NBD",
+                   populate=_serve_arguments)
+    sub.add_parser("demo", help="create the demo backing chain under conf/demo/ and serve it",
+                   populate=_demo_arguments)
+    sub.add_parser("create", help="create a raw or qcow2 image", populate=_create_arguments)
+
     from .cli_image import add_subcommands as add_image_commands
-    from .reproduce.cli import add_subcommand as add_reproduce
     add_image_commands(sub)
-    add_reproduce(sub)
+    sub.add_parser("reproduce",
+                   help="reproduce the qemu-1.1.2 qcow2 corruption: qemu-io scenarios and a Linux guest",
+                   populate=_reproduce_arguments)
     return parser
 
 

@@ -9,7 +9,6 @@ corruptions, 3 leaks only, like qemu-img check).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 PROG = "nbdserve"
@@ -36,6 +35,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{PROG}: Check failed: {res.failed}", file=sys.stderr, flush=True)
         return res.exit_code
     if args.output == "json":
+        import json
         print(json.dumps(res.to_json(), indent=4))
     else:
         if res.corruptions_fixed or res.leaks_fixed:
@@ -58,6 +58,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     except (Qcow2Error, OSError) as e:
         return _fail(args, e)
     if args.output == "json":
+        import json
         print(json.dumps(info, indent=4))
     else:
         sys.stdout.write(format_info_human(info))

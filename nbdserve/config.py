@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import errno
 import os
-import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -294,6 +293,8 @@ def parse_config(data: dict[str, Any], base_dir: str) -> ServerConfig:
 
 def load_config(path: str | os.PathLike[str]) -> ServerConfig:
     """Read a TOML config file; raise ConfigError naming the first flaw found."""
+    import tomllib      # only here: ``serve IMAGE`` and ``create`` take the constants above, not a file
+
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:

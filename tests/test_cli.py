@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -353,3 +354,26 @@ def test_create_qcow2_backing_size_from_backing(tmp_path):
     assert info["backing-filename"] == "base.raw" and info["backing-filename-format"] == "raw"
     assert info["cluster-size"] == 65536
     assert info["format-specific"]["data"]["compat"] == "1.1"
+
+
+# -- start-up -------------------------------------------------------------------------------------
+
+def test_check_loads_only_what_it_runs(tmp_path):
+    """``nbdserve check`` parses its flags without what the other commands need (the config
+    module and tomllib, logging, Trio, the server, the reproduce scenarios): at start-up they
+    would cost more than the check of a 4 GiB image."""
+    pytest.importorskip("nbdserve.qcow2.create")
+    path = tmp_path / "a.qcow2"
+    assert run_cli("create", "-f", "qcow2", path, "64M").returncode == 0
+    code = ("import sys\n"
+            "from nbdserve.cli import main\n"
+            "rc = main(['check', sys.argv[1]])\n"
+            "print(*sys.modules, file=sys.stderr)\n"
+            "sys.exit(rc)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("No errors were found on the image.")
+    unwanted = ("nbdserve.config", "tomllib", "logging", "trio", "nbdserve.server", "nbdserve.reproduce")
+    loaded = proc.stderr.split()
+    assert [m for m in loaded if m in unwanted or m.startswith(tuple(u + "." for u in unwanted))] == []

@@ -375,3 +375,22 @@ def test_refcount_overflow_like_qemu(tmp_path):
     ours = check_image(p)
     assert (ours.exit_code, ours.to_json()) == (rc, theirs)
     assert any(m.startswith("ERROR: overflow cluster offset=") for m in ours.messages)
+
+
+def test_refcount_overflow_through_shared_l2_table_like_qemu(tmp_path):
+    """Two L1 entries share a sequentially allocated L2 table, so each of its data clusters is
+    counted twice at once (the contiguous-table path): with refcount_bits=1, an overflow each."""
+    p = make(tmp_path / "r1.qcow2", "1G", opts="refcount_bits=1")
+    qio(p, "write -P 1 0 1M")
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        h = read_header(fd)
+        l1e0 = os.pread(fd, 8, h.l1_table_offset)
+    finally:
+        os.close(fd)
+    patch(p, h.l1_table_offset + 8, l1e0)        # guest 512M.. -> the L2 table of guest 0..
+    rc, theirs = qemu_check(p)
+    ours = check_image(p)
+    assert (ours.exit_code, ours.to_json()) == (rc, theirs)
+    overflows = [m for m in ours.messages if m.startswith("ERROR: overflow cluster offset=")]
+    assert len(overflows) == theirs["corruptions"] == 1 + 16     # the L2 table and its 16 clusters

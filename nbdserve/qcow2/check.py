@@ -37,7 +37,6 @@ from . import format as fmt
 from .errors import Qcow2Error
 from .header import MAX_L1_BYTES, Qcow2Header, read_header
 from .l2cache import decode_table, encode_table
-from .refcount import Refcounts, _decode
 
 FIX_LEAKS = 1
 FIX_ERRORS = 2
@@ -53,6 +52,7 @@ BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
 BME_TABLE_ENTRY_FLAG_ALL_ONES = 1
 _ARRAY_CODE = {8: "B", 16: "H", 32: "I", 64: "Q"}
+_LITTLE = sys.byteorder == "little"
 
 
 @dataclass
@@ -190,6 +190,22 @@ def _encode_refblock(values: array, bits: int) -> bytes:
     return bytes(raw)
 
 
+def _decode_refblock(raw: bytes, bits: int) -> array:
+    """A refcount block as array('Q'), whatever its entry width.
+
+    Entries of 8 bits and more are widened by moving each byte of the big-endian entries
+    into its place in the native 64-bit ones (strided slices, no loop over the entries)."""
+    if bits < 8:
+        from .refcount import _decode
+        return array("Q", _decode(raw, bits))
+    width = bits >> 3
+    out = bytearray(len(raw) // width * 8)
+    for j in range(width):
+        significance = width - 1 - j            # byte j of a big-endian entry
+        out[significance if _LITTLE else 7 - significance::8] = raw[j::width]
+    return array("Q", out)
+
+
 class _Checker:
     def __init__(self, path: str, writable: bool):
         self.path = path
@@ -219,10 +235,10 @@ class _Checker:
         self.coff_mask, self.cshift, self.ccount_mask = fmt.compressed_masks(self.cb)
         self._load_reftable()
         self.snapshots, self.snapshots_size = read_snapshot_table(self.fd, self.h)
-        n = self.cs // 8
-        # all entries of a table as one integer (native byte order): ones and steps of a cluster
-        self._ones_int = int.from_bytes((array("Q", [1]) * n).tobytes(), sys.byteorder)
-        self._steps_int = int.from_bytes(array("Q", range(0, n * self.cs, self.cs)).tobytes(), sys.byteorder)
+        n = self.cs // 8                                          # entries of an L2 table
+        self._zeros = array("Q", bytes(8 * n))                    # to compare slices with
+        self._ones = array("Q", [1]) * n
+        self._run_ints: tuple[int, int] | None = None             # see _contiguous_run
 
     def _pread(self, n: int, offset: int) -> bytes:
         """qemu's file driver reads zeros past the end of the file."""
@@ -252,9 +268,7 @@ class _Checker:
         elif off >= self.file_len:
             blk = self.zero_block
         else:
-            blk = _decode(self._pread(self.cs, off), self.refbits)
-            if blk.typecode != "Q":
-                blk = array("Q", blk)
+            blk = _decode_refblock(self._pread(self.cs, off), self.refbits)
         self.blocks[ti] = blk
         return blk
 
@@ -265,6 +279,7 @@ class _Checker:
     def _set_stored(self, cluster: int, value: int) -> None:
         """Write one refcount in place (its refcount block exists: stored value > 0 or a block)."""
         if not hasattr(self, "_writer"):
+            from .refcount import Refcounts
             self._writer = Refcounts(self.fd, self.cb, self.h.refcount_order, list(self.reftable),
                                      self.h.refcount_table_offset, lambda event: None)
         self._writer.set(cluster, value)
@@ -303,7 +318,11 @@ class _Checker:
     def _check_l2(self, l2_offset: int, frag: bool, fix: int = 0) -> None:
         """qemu: check_refcounts_l2()."""
         res = self.res
-        table = decode_table(self._pread(self.l2_bytes, l2_offset))
+        raw = self._pread(self.l2_bytes, l2_offset)
+        if not self.extl2 and self._l2_fast(raw, frag):
+            return
+        self._may_exceed_refmax = True      # the loop below counts without the refcount_bits limit
+        table = decode_table(raw)
         if self.extl2:
             entries, bitmaps = table[0::2], table[1::2]
         else:
@@ -311,8 +330,6 @@ class _Checker:
         ref = self.ref
         cb, cs, cmask = self.cb, self.cs, self.cs - 1
         file_len = self.file_len
-        if not self.extl2 and self._l2_fast(entries, frag):
-            return
         COMPRESSED, COPIED, ZERO = fmt.QCOW_OFLAG_COMPRESSED, fmt.QCOW_OFLAG_COPIED, fmt.QCOW_OFLAG_ZERO
         OMASK, RESERVED = fmt.L2E_OFFSET_MASK, fmt.L2E_RESERVED_MASK
         extl2 = self.extl2
@@ -391,45 +408,47 @@ class _Checker:
         res.fragmented_clusters += fragmented
         res.compressed_clusters += compressed
 
-    def _contiguous_prefix(self, entries: array) -> tuple[int, int]:
-        """(flags, m) if entries[:m] are standard entries with the same flags (COPIED or none)
-        mapping contiguous, aligned clusters inside the file and entries[m:] are all zero;
-        (0, -1) otherwise.  Decided with C-level array operations only."""
-        n = len(entries)
-        first = entries[0]
-        flags = first & ~fmt.L2E_OFFSET_MASK
-        off = first & fmt.L2E_OFFSET_MASK
+    def _contiguous_run(self, raw: bytes) -> tuple[int, int]:
+        """(first entry, m) if the L2 table ``raw`` holds m standard entries with the same flags
+        (COPIED or none) mapping contiguous, aligned clusters inside the file, then zeros only
+        (m = 0: a table of zeros); (0, -1) otherwise.  Decided without a loop over the entries."""
+        m = (len(raw.rstrip(b"\0")) + 7) >> 3
+        if not m:
+            return 0, 0
+        first = int.from_bytes(raw[:8], "big")
+        flags, off = first & ~fmt.L2E_OFFSET_MASK, first & fmt.L2E_OFFSET_MASK
         if flags not in (0, fmt.QCOW_OFLAG_COPIED) or not off or off & (self.cs - 1):
-            return 0, -1
-        m = entries.index(0) if 0 in entries else n
-        if m < n and entries.count(0) != n - m:
             return 0, -1
         if off + (m - 1) * self.cs >= self.file_len:
             return 0, -1
-        # entries[:m] == [first + i*cs for i in range(m)], compared as one big integer
-        bits = 64 * m
-        low = (1 << bits) - 1
-        expected = first * (self._ones_int & low) + (self._steps_int & low)
-        if int.from_bytes(entries[:m].tobytes(), sys.byteorder) != expected:
+        # raw[:8m] == [first + i*cs for i in range(m)], compared as one big-endian integer whose
+        # 64-bit digits are the entries: ones and steps have digits 1 and i*cs for a whole table
+        n = len(raw) // 8
+        if self._run_ints is None:
+            steps = array("Q", range(0, n * self.cs, self.cs))
+            self._run_ints = (int.from_bytes(encode_table(self._ones), "big"),
+                              int.from_bytes(encode_table(steps), "big"))
+        ones, steps = self._run_ints
+        if m < n:                           # keep the digits of entries 0..m-1
+            ones, steps = ones >> 64 * (n - m), steps >> 64 * (n - m)
+        if int.from_bytes(raw[:8 * m], "big") != first * ones + steps:
             return 0, -1
-        return flags, m
+        return first, m
 
-    def _l2_fast(self, entries: array, frag: bool) -> bool:
-        """The common case of _check_l2 (a sequentially allocated table) without a Python loop."""
-        if not entries or not entries[0]:
-            if entries.count(0) == len(entries):
-                return True
-            return False
-        flags, m = self._contiguous_prefix(entries)
-        if m < 0:
-            return False
-        k0 = (entries[0] & fmt.L2E_OFFSET_MASK) >> self.cb
+    def _l2_fast(self, raw: bytes, frag: bool) -> bool:
+        """The common cases of _check_l2 (a table of zeros, or a sequentially allocated one)
+        without a Python loop."""
+        first, m = self._contiguous_run(raw)
+        if m <= 0:
+            return m == 0
+        k0 = (first & fmt.L2E_OFFSET_MASK) >> self.cb
         ref = self.ref
         part = ref[k0:k0 + m]
-        if part.count(0) == m:
-            ref[k0:k0 + m] = array("Q", [1]) * m
+        if part == self._zeros[:m]:
+            ref[k0:k0 + m] = self._ones[:m]
         else:
             ref[k0:k0 + m] = array("Q", map(operator.add, part, itertools.repeat(1, m)))
+            self._may_exceed_refmax = True
         if frag:
             self.res.allocated_clusters += m
         return True
@@ -441,9 +460,7 @@ class _Checker:
         self._inc(l1_offset, l1_size * 8)
         l1 = decode_table(self._pread(l1_size * 8, l1_offset))
         cs = self.cs
-        for i, e in enumerate(l1):
-            if not e:
-                continue
+        for i, e in itertools.compress(enumerate(l1), l1):     # the nonzero entries
             if e & fmt.L1E_RESERVED_MASK:
                 self._msg(f"ERROR found L1 entry with reserved bits set: {e:x}")
                 self.res.corruptions += 1
@@ -487,9 +504,7 @@ class _Checker:
         """qemu: check_refblocks(); True if the refcount structure must be rebuilt."""
         rebuild = False
         res = self.res
-        for i, entry in enumerate(self.reftable):
-            if not entry:
-                continue
+        for i, entry in itertools.compress(enumerate(self.reftable), self.reftable):
             off = entry & fmt.REFT_OFFSET_MASK
             cluster = off >> self.cb
             if entry & fmt.REFT_RESERVED_MASK:
@@ -520,6 +535,7 @@ class _Checker:
         h = self.h
         cs = self.cs
         self.ref = array("Q", [0]) * ((self.file_len + cs - 1) >> self.cb)
+        self._may_exceed_refmax = False     # set where a reference is counted without the limit
         self._inc(0, cs)
         self._check_l1(h.l1_table_offset, h.l1_size, True, fix)
         for sn in self.snapshots:
@@ -538,7 +554,8 @@ class _Checker:
         self._inc(h.refcount_table_offset, h.refcount_table_clusters * cs)
         self._check_bitmaps()
         ref = self.ref
-        if ref and max(ref) > self.refmax:           # qemu refuses each increment past the maximum
+        # qemu refuses each increment past the maximum
+        if self._may_exceed_refmax and ref and max(ref) > self.refmax:
             for k, v in enumerate(ref):
                 if v > self.refmax:
                     for _ in range(v - self.refmax):
@@ -621,7 +638,7 @@ class _Checker:
         words = 2 if self.extl2 else 1
         l1 = decode_table(self._pread(h.l1_size * 8, h.l1_table_offset))
         word = "Repairing" if repair else "ERROR"
-        for i, l1e in enumerate(l1):
+        for i, l1e in itertools.compress(enumerate(l1), l1):   # the nonzero entries
             l2_offset = l1e & fmt.L1E_OFFSET_MASK
             if not l2_offset:
                 continue
@@ -636,9 +653,10 @@ class _Checker:
                     pwrite_all(self.fd, fmt.U64.pack(new), h.l1_table_offset + i * 8)
                     res.corruptions -= 1
                     res.corruptions_fixed += 1
-            table = decode_table(self._pread(self.l2_bytes, l2_offset))
-            if words == 1 and self._copied_fast(table):
+            raw = self._pread(self.l2_bytes, l2_offset)
+            if words == 1 and self._copied_fast(raw):
                 continue
+            table = decode_table(raw)
             dirty = 0
             cur_ti, blk = -1, None
             for j in range(0, len(table), words):
@@ -666,14 +684,14 @@ class _Checker:
                 res.corruptions -= dirty
                 res.corruptions_fixed += dirty
 
-    def _copied_fast(self, table: array) -> bool:
+    def _copied_fast(self, raw: bytes) -> bool:
         """True if every entry of an L2 table is known right about COPIED without a Python loop."""
-        if table.count(0) == len(table):
-            return True
-        flags, m = self._contiguous_prefix(table)
-        if flags != fmt.QCOW_OFLAG_COPIED:
+        first, m = self._contiguous_run(raw)
+        if m <= 0:
+            return m == 0
+        if first & ~fmt.L2E_OFFSET_MASK != fmt.QCOW_OFLAG_COPIED:
             return False
-        k = (table[0] & fmt.L2E_OFFSET_MASK) >> self.cb
+        k = (first & fmt.L2E_OFFSET_MASK) >> self.cb
         end = k + m
         bb, B = self.block_bits, self.block_entries
         while k < end:
@@ -682,7 +700,7 @@ class _Checker:
                 return False
             a = k & (B - 1)
             b = min(B, a + end - k)
-            if blk[a:b].count(1) != b - a:
+            if blk[a:b] != self._ones[:b - a]:
                 return False
             k += b - a
         return True

@@ -17,8 +17,8 @@ from .scenarios import SCENARIOS
 GUEST_CLIENTS = ("virtio", "nbd-client")
 
 
-def add_subcommand(sub) -> None:
-    r = sub.add_parser("reproduce", help="reproduce the qemu-1.1.2 qcow2 corruption: qemu-io scenarios and a Linux guest")
+def add_arguments(r: argparse.ArgumentParser) -> None:
+    """The arguments of nbdserve's ``reproduce`` subparser (nbdserve.cli registers it)."""
     r.add_argument("scenario", choices=[*SCENARIOS, "guest", "all"], metavar="SCENARIO",
                    help=f"one of: {', '.join(SCENARIOS)}, guest (a Linux guest running dpkg), "
                         "or all (every one of them, the guest through both client paths)")
