@@ -22,6 +22,14 @@ class CoMutex:
     def statistics(self):
         return self._lock.statistics()
 
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free (True), without a checkpoint."""
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            return False
+        return True
+
     async def acquire(self) -> None:
         try:
             self._lock.acquire_nowait()

@@ -487,8 +487,9 @@ class Qcow2Image(BlockDevice):
         try:
             return await fn(*args)
         finally:
-            with trio.CancelScope(shield=True):
-                await self.lock.acquire()
+            if not self.lock.try_acquire():   # a shielded wait only when it is held (CancelScope costs)
+                with trio.CancelScope(shield=True):
+                    await self.lock.acquire()
 
     def _keepable(self, entry: int, bitmap: int) -> bool:
         """Allocated, COPIED, plain data: written in place (qemu: QCOW_OFLAG_COPIED)."""
