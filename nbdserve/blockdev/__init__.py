@@ -9,6 +9,9 @@ from .._lazy import lazy_getattr
 _EXPORTS = {
     "BlockDevice": ".base",
     "Extent": ".base",
+    "FILE_SLICE_MIN": ".base",
+    "FileSlice": ".base",
+    "materialize": ".base",
     "ReadChunk": ".base",
     "check_range": ".base",
     "RawFile": ".raw",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import errno
+import os
 from dataclasses import dataclass
 
 
@@ -36,7 +37,40 @@ class ReadChunk:
 
     offset: int
     length: int
-    data: bytes | bytearray | memoryview | None
+    data: bytes | bytearray | memoryview | FileSlice | None
+
+
+FILE_SLICE_MIN = 64 * 1024   # smaller reads are read at once: their replies batch into one sendmsg(2)
+
+
+@dataclass(frozen=True, slots=True)
+class FileSlice:
+    """Read data left in the page cache: ``length`` bytes at ``offset`` of a file that does
+    not change while it is served (a read-only layer).  A plain TCP connection sends it
+    with sendfile(2), so the bytes are never copied into the server; anywhere else they
+    are read first (``read()``)."""
+
+    fd: int
+    offset: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+    def read(self) -> bytes:
+        data = os.pread(self.fd, self.length, self.offset)
+        if len(data) != self.length:   # the layer checked the file's size when it made the slice
+            raise OSError(errno.EIO, f"file shrank under a read-only layer at {self.offset + len(data)}")
+        return data
+
+    def after(self, n: int) -> FileSlice:
+        """What is left once ``n`` bytes were sent."""
+        return FileSlice(self.fd, self.offset + n, self.length - n)
+
+
+def materialize(data):
+    """``data`` as a buffer: a FileSlice is read, anything else is returned as it is."""
+    return data.read() if type(data) is FileSlice else data
 
 
 def check_range(size: int, offset: int, length: int) -> None:
@@ -93,9 +127,10 @@ class BlockDevice(abc.ABC):
         raise OSError(errno.EPERM, "device is read-only")
 
     # -- the synchronous fast path: the transport answers these inline, without a task
-    def read_sparse_now(self, offset: int, length: int) -> list[ReadChunk] | None:
+    def read_sparse_now(self, offset: int, length: int, file_slices: bool = False) -> list[ReadChunk] | None:
         """read_sparse() if it can finish without waiting for anything (cached metadata, no
-        backing read that must wait, no debug events armed); None: call read_sparse()."""
+        backing read that must wait, no debug events armed); None: call read_sparse().
+        ``file_slices``: the caller can send FileSlice data (read-only layers may give it)."""
         return None
 
     def pwrite_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:

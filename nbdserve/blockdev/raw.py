@@ -9,7 +9,7 @@ import os
 
 import trio
 
-from .base import BlockDevice, Extent, ReadChunk, check_range
+from .base import FILE_SLICE_MIN, BlockDevice, Extent, FileSlice, ReadChunk, check_range
 from .fileio import pwrite_all
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -56,15 +56,22 @@ class RawFile(BlockDevice):
     async def read_sparse(self, offset, length):
         return self.read_sparse_now(offset, length)
 
-    def read_sparse_now(self, offset, length):
-        """Holes of the file (SEEK_HOLE) come back as zero chunks."""
+    def read_sparse_now(self, offset, length, file_slices=False):
+        """Holes of the file (SEEK_HOLE) come back as zero chunks; data of a read-only file
+        as FileSlices when the caller takes them."""
         check_range(self.size, offset, length)
+        slices = file_slices and self.read_only
         chunks: list[ReadChunk] = []
         pos, end = offset, offset + length
         while pos < end:
             extent = self._extent(pos, end - pos)
             n = extent.length
-            data = pread_exact(self.fd, pos, n) if extent.data else None
+            if not extent.data:
+                data = None
+            elif slices and n >= FILE_SLICE_MIN:   # read-only: the file keeps the size it had at open
+                data = FileSlice(self.fd, pos, n)
+            else:
+                data = pread_exact(self.fd, pos, n)
             chunks.append(ReadChunk(pos, n, data))
             pos += n
         return chunks

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..blockdev import BlockDevice, Extent, ReadChunk, check_range
+from ..blockdev import FILE_SLICE_MIN, BlockDevice, Extent, FileSlice, ReadChunk, check_range
 from ..blockdev.fileio import pwrite_all
 from . import format as fmt
 from .comutex import CoMutex
@@ -147,6 +147,8 @@ class Qcow2Image(BlockDevice):
         self.backing: BlockDevice | None = None
         self._compressed_cache: tuple[int, bytes] | None = None
         self._dirty_bit_set = False
+        # a read-only image's file does not change while served: its data may go out as FileSlices
+        self._file_size = os.fstat(fd).st_size if read_only else 0
 
     def _open_backing(self, seen: tuple[str, ...]) -> None:
         name = self.header.backing_file
@@ -368,7 +370,7 @@ class Qcow2Image(BlockDevice):
                 chunks.extend(await self.backing.read_sparse(piece.pos, piece.length))
         return chunks
 
-    def read_sparse_now(self, offset: int, length: int) -> list[ReadChunk] | None:
+    def read_sparse_now(self, offset: int, length: int, file_slices: bool = False) -> list[ReadChunk] | None:
         """read_sparse() in one synchronous pass, or None when it would wait: a backing
         layer that must, or armed blkdebug events.  Data is read with pread(2) at once, as
         RawFile does: the page cache answers faster than a hand-off to a worker thread
@@ -376,25 +378,28 @@ class Qcow2Image(BlockDevice):
         if self.events.armed:
             return None
         chunks: list[ReadChunk] = []
-        for piece in self._read_plan(offset, length):
+        for piece in self._read_plan(offset, length, file_slices and self.read_only):
             if isinstance(piece, ReadChunk):
                 chunks.append(piece)
                 continue
-            below = self.backing.read_sparse_now(piece.pos, piece.length)
+            below = self.backing.read_sparse_now(piece.pos, piece.length, file_slices)
             if below is None:
                 return None
             chunks.extend(below)
         return chunks
 
-    def _read_plan(self, offset: int, length: int) -> list[ReadChunk | _BackingRange]:
-        """A sparse read's pieces: the chunks of this layer, read now, and the ranges left
-        to the backing file."""
+    def _read_plan(self, offset: int, length: int, file_slices: bool = False) -> list[ReadChunk | _BackingRange]:
+        """A sparse read's pieces: the chunks of this layer, read now (or as FileSlices of a
+        read-only image), and the ranges left to the backing file."""
         check_range(self.size, offset, length)
         pieces: list[ReadChunk | _BackingRange] = []
         backing_size = self.backing.size if self.backing is not None else 0
         for kind, pos, n, host in self._map(offset, length):
             if kind == DATA:
-                pieces.append(self._data_chunk(host, pos, n))
+                if file_slices and n >= FILE_SLICE_MIN and host + n <= self._file_size:
+                    pieces.append(ReadChunk(pos, n, FileSlice(self.fd, host, n)))
+                else:
+                    pieces.append(self._data_chunk(host, pos, n))
             elif kind == COMPRESSED:
                 pieces.append(ReadChunk(pos, n, self._read_compressed(host)[pos & (self.cluster_size - 1):][:n]))
             else:

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 
-from ..blockdev import BlockDevice, Extent, ReadChunk
+from ..blockdev import BlockDevice, Extent, ReadChunk, materialize
 from ..nbd import (CONTEXT_BASE_ALLOCATION, BlockStatus, Command, CommandFlag, Errno, ErrorChunk, NoneChunk,
                    OffsetData, OffsetHole, Request, SimpleReply, StateFlag)
 from .exports import nbd_errno
@@ -64,14 +64,15 @@ async def reply_events(request: Request, device: BlockDevice, structured: bool,
     return [SimpleReply(request.cookie)]
 
 
-def replies_now(request: Request, device: BlockDevice, structured: bool) -> list | None:
+def replies_now(request: Request, device: BlockDevice, structured: bool, file_slices: bool = False) -> list | None:
     """The reply events for a READ or WRITE the device performs without waiting, or None:
-    the request needs a task of its own (see BlockDevice.read_sparse_now/pwrite_now)."""
+    the request needs a task of its own (see BlockDevice.read_sparse_now/pwrite_now).
+    ``file_slices``: read data may be FileSlices (the sender can send them)."""
     if request.error or not request.length:
         return None
     try:
         if request.command == Command.READ:
-            chunks = device.read_sparse_now(request.offset, request.length)
+            chunks = device.read_sparse_now(request.offset, request.length, file_slices)
             return None if chunks is None else read_replies(request, chunks, structured)
         if request.command == Command.WRITE and not request.flags & CommandFlag.FUA:
             return [SimpleReply(request.cookie)] if device.pwrite_now(request.offset, request.data) else None
@@ -133,7 +134,7 @@ def _contiguous(offset: int, length: int, chunks: list[ReadChunk]):
     buf = bytearray(length)
     for c in chunks:
         if c.data is not None:
-            buf[c.offset - offset:c.offset - offset + c.length] = c.data
+            buf[c.offset - offset:c.offset - offset + c.length] = materialize(c.data)
     return buf
 
 

@@ -105,6 +105,7 @@ class Session:
         device, structured = export.device, negotiated.structured_replies
         in_flight = InFlight()
         sender = ReplySender(self.stream)
+        file_slices = sender.takes_file_slices
 
         async def send(event) -> None:
             sender.queue(conn.send_parts(event))
@@ -125,7 +126,7 @@ class Session:
         def answer_now(request: Request) -> bool:
             """Reads the page cache serves and writes in place are answered here, without a
             task; their replies leave with the next send (several per system call)."""
-            replies = replies_now(request, device, structured)
+            replies = replies_now(request, device, structured, file_slices)
             if replies is None:
                 return False
             for reply in replies:
