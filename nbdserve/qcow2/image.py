@@ -374,7 +374,9 @@ class Qcow2Image(BlockDevice):
         """read_sparse() in one synchronous pass, or None when it would wait: a backing
         layer that must, or armed blkdebug events.  Data is read with pread(2) at once, as
         RawFile does: the page cache answers faster than a hand-off to a worker thread
-        (bench/README.md), at the price of a read that misses it holding up the event loop."""
+        (bench/README.md), at the price of a read that misses it holding up the event loop.
+        With ``file_slices``, a read-only image gives its data runs as FileSlices instead
+        (sent later with sendfile(2): its file does not change meanwhile)."""
         if self.events.armed:
             return None
         chunks: list[ReadChunk] = []
