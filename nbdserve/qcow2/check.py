@@ -51,7 +51,6 @@ _BITMAP_DIR_FIXED = struct.Struct(">QIIBBHI")
 BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
 BME_TABLE_ENTRY_FLAG_ALL_ONES = 1
-_ARRAY_CODE = {8: "B", 16: "H", 32: "I", 64: "Q"}
 _LITTLE = sys.byteorder == "little"
 
 
@@ -174,20 +173,6 @@ def read_snapshot_table(fd: int, h: Qcow2Header) -> tuple[list[SnapshotInfo], in
 
 class _Rebuild(Exception):
     pass
-
-
-def _encode_refblock(values: array, bits: int) -> bytes:
-    if bits >= 8:
-        out = array(_ARRAY_CODE[bits], values)
-        if bits > 8 and sys.byteorder == "little":
-            out.byteswap()
-        return out.tobytes()
-    per_byte = 8 // bits
-    raw = bytearray(len(values) // per_byte)
-    for i, v in enumerate(values):
-        if v:
-            raw[i // per_byte] |= v << ((i % per_byte) * bits)
-    return bytes(raw)
 
 
 def _decode_refblock(raw: bytes, bits: int) -> array:
@@ -714,6 +699,7 @@ class _Checker:
         new table after everything is durable.  The old structures are left
         behind as leaks, which the caller frees.
         """
+        from .refcount import _encode   # the engine's refcount block encoding (only repairs need it)
         ref = array("Q", self.ref)
         cs, B, bb = self.cs, self.block_entries, self.block_bits
         free_hint = 0
@@ -763,7 +749,7 @@ class _Checker:
             part.extend(array("Q", [0]) * (B - len(part)))
             if max(part) > self.refmax:
                 part = array("Q", (min(v, self.refmax) for v in part))
-            pwrite_all(self.fd, _encode_refblock(part, self.refbits), c << self.cb)
+            pwrite_all(self.fd, _encode(part, self.refbits), c << self.cb)
         pwrite_all(self.fd, encode_table(table), table_start << self.cb)
         os.fsync(self.fd)
         pwrite_all(self.fd, fmt.U64.pack(table_start << self.cb) + table_clusters.to_bytes(4, "big"),

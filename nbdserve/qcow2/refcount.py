@@ -35,6 +35,21 @@ def _decode(raw: bytes, bits: int) -> array:
     return array("B", [(b >> (i * bits)) & mask for b in raw for i in range(per_byte)])
 
 
+def _encode(values, bits: int) -> bytes:
+    """A refcount block's on-disk bytes (the inverse of _decode)."""
+    if bits >= 8:
+        out = array(_ARRAY_CODE[bits], values)
+        if _LITTLE and bits > 8:
+            out.byteswap()
+        return out.tobytes()
+    per_byte = 8 // bits
+    raw = bytearray(len(values) // per_byte)
+    for i, v in enumerate(values):
+        if v:
+            raw[i // per_byte] |= v << ((i % per_byte) * bits)
+    return bytes(raw)
+
+
 class CorruptRefcounts(OSError):
     """The refcounts would hand out a cluster that holds fixed metadata."""
 
@@ -220,18 +235,7 @@ class Refcounts:
 
     def _write_block(self, offset: int, blk: array) -> None:
         self.on_event("refblock_alloc_write")
-        if self.bits >= 8:
-            out = array(blk.typecode, blk)
-            if _LITTLE and self.bits > 8:
-                out.byteswap()
-            pwrite_all(self.fd, out.tobytes(), offset)
-        else:
-            per_byte = 8 // self.bits
-            raw = bytearray(len(blk) // per_byte)
-            for i, v in enumerate(blk):
-                if v:
-                    raw[i // per_byte] |= v << ((i % per_byte) * self.bits)
-            pwrite_all(self.fd, bytes(raw), offset)
+        pwrite_all(self.fd, _encode(blk, self.bits), offset)
 
     def _grow_table(self, min_ti: int) -> None:
         """Move the refcount table to the end of the image, bigger (qemu: refcount table growth).
