@@ -18,7 +18,8 @@ import trio
 from . import format as fmt
 from .check import read_snapshot_table
 from .header import read_header
-from .image import COMPRESSED, DATA, UNALLOCATED, ZERO, Qcow2Image
+from .image import Qcow2Image
+from .mapping import COMPRESSED, DATA, UNALLOCATED, ZERO
 
 _COMPRESSION_NAMES = {fmt.COMPRESSION_DEFLATE: "zlib", fmt.COMPRESSION_ZSTD: "zstd"}
 

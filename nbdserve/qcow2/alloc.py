@@ -1,0 +1,285 @@
+"""Cluster allocation for writes: the allocation half of qemu's block/qcow2-cluster.c.
+
+A model of qemu 1.1.x ``qcow2_co_writev`` -> ``qcow2_alloc_cluster_offset`` ->
+``qcow2_alloc_cluster_link_l2`` with the in-flight allocation list
+(``cluster_allocs``, qemu's ``s->cluster_allocs``); the AllocationPolicy decides
+``avail_sectors`` and the other places where qemu 1.1.2 and its successors differ.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass, field
+
+import trio
+
+from ..blockdev import check_range
+from ..blockdev.fileio import pwrite_all
+from . import format as fmt
+from .mapping import EXTL2_ALL_ALLOCATED
+from .refcount import CorruptRefcounts
+
+THREADED_WRITE = 256 * 1024   # data writes this large run in a worker thread, beside the event loop
+
+
+@dataclass(eq=False)
+class L2Meta:
+    """An allocation in flight (qemu: QCowL2Meta), in bytes."""
+
+    offset: int            # guest offset of the first new cluster
+    alloc_offset: int      # host offset of the first new cluster
+    n_start: int           # bytes before the write in the first new cluster (head COW)
+    nb_clusters: int
+    nb_available: int      # MIN(requested, avail): where the tail COW is computed from
+    fresh: bool = False    # the new clusters lie past anything the file ever held: they read as zeros
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+class ClusterAllocation:
+    """Qcow2Image's write path (a mixin)."""
+
+    def _alloc(self, n: int, at: int = 0) -> tuple[int, int]:
+        """(host offset, clusters) of new clusters: ``n`` anywhere, or up to ``n`` exactly ``at``.
+        Refcounts broken so that they would hand out the header, the refcount table or the
+        active L1 table are corruption (qemu: qcow2_pre_write_overlap_check)."""
+        try:
+            host, count = (at, self.refcounts.alloc_at(at, n)) if at else (self.refcounts.alloc(n), n)
+        except CorruptRefcounts as e:
+            raise self._corruption(e.strerror) from None
+        l1_start = self.header.l1_table_offset
+        if count and host < l1_start + len(self.l1) * 8 and l1_start < host + count * self.cluster_size:
+            raise self._corruption(f"refcount of the active L1 table at {l1_start:#x} is 0: the refcounts are corrupt")
+        return host, count
+
+    async def _get_cluster_table(self, pos: int) -> tuple[array, int]:
+        """qemu: get_cluster_table(): the L2 table for ``pos``, allocated or copied if needed."""
+        l1_index = pos >> self.l1_shift
+        l1e = self.l1[l1_index]
+        if l1e & fmt.QCOW_OFLAG_COPIED and l1e & fmt.L1E_OFFSET_MASK:
+            table = self._l2_table_for(l1_index)
+            return table, (pos >> self.cluster_bits) & (self.l2_entries - 1)
+        old_off = l1e & fmt.L1E_OFFSET_MASK
+        old = self._l2_table_for(l1_index) if old_off else None
+        new_off, _ = self._alloc(1)
+        table = array("Q", old) if old is not None else array("Q", bytes(self.cluster_size))
+        await self.events.fire("l2_alloc_write")
+        # the table is new: it reaches the disk at flush, before the L1 entry pointing at it
+        self.l2cache.put(new_off, table, dirty=True)
+        await self.events.fire("l1_update")
+        self.l1[l1_index] = new_off | fmt.QCOW_OFLAG_COPIED
+        self.l1_dirty.add(l1_index)
+        if old_off:
+            self.pending_free.append((old_off, self.cluster_size))
+        # a reader may have evicted the new table while the events above slept (cache pressure
+        # writes it back first): return the cache's copy, never an orphan the caller would
+        # change in vain
+        table = self._l2_table_for(l1_index)
+        return table, (pos >> self.cluster_bits) & (self.l2_entries - 1)
+
+    def _free_entry(self, entry: int) -> None:
+        """Queue the host cluster(s) an old L2 entry referenced (qemu: qcow2_free_any_clusters)."""
+        if entry & fmt.QCOW_OFLAG_COMPRESSED:
+            host = entry & self.compressed_offset_mask
+            nb = ((entry >> self.compressed_shift) & self.compressed_count_mask) + 1
+            first = host & ~(self.cluster_size - 1)
+            last = (host + nb * 512 - (host & 511) - 1) & ~(self.cluster_size - 1)
+            self.pending_free.append((first, last - first + self.cluster_size))
+        elif entry & fmt.L2E_OFFSET_MASK:
+            self.pending_free.append((entry & fmt.L2E_OFFSET_MASK, self.cluster_size))
+
+    def pwrite_now(self, offset: int, data) -> bool:
+        """Write in place when every cluster touched is allocated and COPIED (qemu 1.1: the
+        "keep" clusters of qcow2_alloc_cluster_offset(), which need no metadata change).
+        Only when no request holds the lock and no blkdebug event is armed, so the
+        allocator's interleavings are exactly those of pwrite()."""
+        if (self.events.armed or self.lock.locked() or self.read_only or self.corrupt
+                or len(data) >= THREADED_WRITE):
+            return False
+        check_range(self.size, offset, len(data))
+        cmask = self.cluster_size - 1
+        runs: list[list[int]] = []   # [host, start in data, length]
+        pos, end = offset, offset + len(data)
+        while pos < end:
+            l1_index = pos >> self.l1_shift
+            if l1_index >= len(self.l1) or not self.l1[l1_index] & fmt.QCOW_OFLAG_COPIED:
+                return False
+            table = self._l2_table_for(l1_index)
+            if table is None:
+                return False
+            entry, bitmap = self._entry(table, (pos >> self.cluster_bits) & (self.l2_entries - 1))
+            if not self._keepable(entry, bitmap):
+                return False
+            host = (entry & fmt.L2E_OFFSET_MASK) + (pos & cmask)
+            n = min(end, (pos | cmask) + 1) - pos
+            if runs and runs[-1][0] + runs[-1][2] == host:
+                runs[-1][2] += n
+            else:
+                runs.append([host, pos - offset, n])
+            pos += n
+        mv = memoryview(data).cast("B")
+        self.events.fire_sync("write_aio")
+        for host, start, n in runs:
+            pwrite_all(self.fd, mv[start:start + n], host)
+        return True
+
+    async def pwrite(self, offset: int, data, fua: bool = False) -> None:
+        self._check_writable(offset, len(data))
+        mv = memoryview(data).cast("B")
+        done = 0
+        async with self.lock:
+            while done < len(mv):
+                host, n, meta = await self._alloc_cluster_offset(offset + done, len(mv) - done)
+                try:
+                    span = (host, n)
+                    self.writes_in_flight.append(span)
+                    try:
+                        await self._unlocked(self._write_data, host, mv[done:done + n])
+                    finally:
+                        self.writes_in_flight.remove(span)
+                    if meta is not None:
+                        await self._link_l2(meta)
+                finally:
+                    if meta is not None:
+                        self._run_dependent_requests(meta)
+                done += n
+        if fua:
+            await self.flush()
+
+    async def _write_data(self, host: int, chunk: memoryview) -> None:
+        await self.events.fire("write_aio")
+        if len(chunk) >= THREADED_WRITE:   # s->lock is not held: other requests go on meanwhile
+            await trio.to_thread.run_sync(pwrite_all, self.fd, chunk, host)
+        else:
+            pwrite_all(self.fd, chunk, host)
+
+    async def _alloc_cluster_offset(self, pos: int, remaining: int) -> tuple[int, int, L2Meta | None]:
+        """qemu 1.1: qcow2_alloc_cluster_offset().  Returns (host offset of ``pos``,
+        bytes this round covers, the in-flight allocation or None)."""
+        cs = self.cluster_size
+        while True:  # again:
+            table, l2_index = await self._get_cluster_table(pos)
+            n_start = pos & (cs - 1)
+            n_end = n_start + remaining
+            nb_clusters = min((n_end + cs - 1) // cs, self.l2_entries - l2_index)
+            entry, bitmap = self._entry(table, l2_index)
+            keep = 0
+            cluster_offset = 0
+            if self._keepable(entry, bitmap):
+                cluster_offset = entry & fmt.L2E_OFFSET_MASK
+                keep = self._count_contiguous(table, l2_index, nb_clusters, cluster_offset)
+                nb_clusters -= keep
+            if nb_clusters == 0:
+                return cluster_offset + n_start, min(keep * cs, n_end) - n_start, None
+            nb_clusters = self._count_cow_clusters(table, l2_index + keep, nb_clusters)
+            guest_alloc = (pos & ~(cs - 1)) + keep * cs
+            alloc_host = cluster_offset + keep * cs if keep else 0
+            nb_clusters, wait_on = self._handle_dependencies(guest_alloc, nb_clusters)
+            if wait_on is not None:
+                await self._unlocked(wait_on.done.wait)
+                continue  # recheck the free/allocated clusters
+            never_used = self.refcounts.end_cluster
+            if nb_clusters:
+                if alloc_host == 0:
+                    await self.events.fire("cluster_alloc")
+                    alloc_host, _ = self._alloc(nb_clusters)
+                else:
+                    _, nb_clusters = self._alloc(nb_clusters, at=alloc_host)
+            meta = None
+            if nb_clusters:
+                requested = n_end - keep * cs
+                avail = self.policy.avail_bytes(keep, nb_clusters, cs)
+                meta = L2Meta(offset=guest_alloc, alloc_offset=alloc_host,
+                              n_start=0 if keep else n_start, nb_clusters=nb_clusters,
+                              nb_available=min(requested, avail),
+                              fresh=alloc_host >> self.cluster_bits >= never_used)
+                self.cluster_allocs.append(meta)
+            covered = min((keep + nb_clusters) * cs, n_end) - n_start
+            host = (cluster_offset if keep else alloc_host) + n_start
+            return host, covered, meta
+
+    def _count_contiguous(self, table: array, idx: int, n: int, first_host: int) -> int:
+        """qemu: count_contiguous_clusters() over COPIED, host-contiguous clusters."""
+        i = 0
+        while i < n:
+            entry, bitmap = self._entry(table, idx + i)
+            if not self._keepable(entry, bitmap) or entry & fmt.L2E_OFFSET_MASK != first_host + i * self.cluster_size:
+                break
+            i += 1
+        return i
+
+    def _count_cow_clusters(self, table: array, idx: int, n: int) -> int:
+        """qemu 1.1: count_cow_clusters(): up to the next COPIED cluster; a compressed one alone."""
+        first, _ = self._entry(table, idx)
+        if first & fmt.QCOW_OFLAG_COMPRESSED:
+            return 1
+        i = 0
+        while i < n:
+            entry, bitmap = self._entry(table, idx + i)
+            if self._keepable(entry, bitmap) or entry & fmt.QCOW_OFLAG_COMPRESSED:
+                break
+            i += 1
+        return i
+
+    def _handle_dependencies(self, guest_offset: int, nb_clusters: int) -> tuple[int, L2Meta | None]:
+        """qemu 1.1: handle_dependencies(); touching ranges count as overlapping."""
+        start = guest_offset >> self.cluster_bits
+        end = start + nb_clusters
+        for old in self.cluster_allocs:
+            old_start = old.offset >> self.cluster_bits
+            old_end = old_start + old.nb_clusters
+            if end < old_start or start > old_end:
+                continue
+            nb_clusters = old_start - start if start < old_start else 0
+            if nb_clusters == 0:
+                return 0, old
+            end = start + nb_clusters
+        return nb_clusters, None
+
+    async def _link_l2(self, m: L2Meta) -> None:
+        """qemu 1.1: qcow2_alloc_cluster_link_l2(): COW head and tail, then point L2 at the new clusters."""
+        cs = self.cluster_size
+        start = m.offset & ~(cs - 1)
+        # zeros need not be written into clusters that never held data (qemu 7: handle_alloc_space)
+        alloc_end = m.alloc_offset + m.nb_clusters * cs if m.fresh else 0
+        if m.n_start:
+            await self._copy_range(start, m.alloc_offset, 0, m.n_start, alloc_end)
+        if m.nb_available & (cs - 1):
+            end = m.nb_available & ~(cs - 1)
+            await self._copy_range(start + end, m.alloc_offset + end, m.nb_available - end, cs, alloc_end)
+        await self.events.fire("l2_update")
+        table, l2_index = await self._get_cluster_table(m.offset)
+        bitmap = EXTL2_ALL_ALLOCATED if self.extended_l2 else 0
+        for i in range(m.nb_clusters):
+            old, _ = self._entry(table, l2_index + i)
+            self._set_entry(table, l2_index + i, (m.alloc_offset + i * cs) | fmt.QCOW_OFLAG_COPIED, bitmap)
+            self._free_entry(old)
+        self.l2cache.mark_dirty(self._l2_offset(m.offset))
+
+    async def _copy_range(self, guest_start: int, host_start: int, n_start: int, n_end: int,
+                          fresh_end: int = 0) -> None:
+        """qemu 1.1: copy_sectors(): read the guest view, write it to the new host location.
+        Zeros bound for fresh clusters (below ``fresh_end``) are not written."""
+        if n_end <= n_start:
+            return
+        await self._unlocked(self._copy_unlocked, guest_start, host_start, n_start, n_end, fresh_end)
+
+    async def _copy_unlocked(self, guest_start, host_start, n_start, n_end, fresh_end):
+        await self.events.fire("cow_read")
+        lo = guest_start + n_start
+        inside = max(0, min(n_end - n_start, self.size - lo))
+        fresh = host_start + n_end <= fresh_end
+        if fresh and self._reads_as_zeros(lo, inside):   # no buffer to fill and scan
+            await self.events.fire("cow_write")
+            return
+        buf = bytearray(n_end - n_start)
+        if inside:
+            await self._read_into(lo, memoryview(buf)[:inside])
+        await self.events.fire("cow_write")
+        if fresh and buf.count(0) == len(buf):
+            return
+        pwrite_all(self.fd, buf, host_start + n_start)
+
+    def _run_dependent_requests(self, m: L2Meta) -> None:
+        if m in self.cluster_allocs:
+            self.cluster_allocs.remove(m)
+        m.done.set()
