@@ -473,7 +473,8 @@ def _serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("-r", "--read-only", action="store_true", help="export read-only")
     s.add_argument("-f", "--format", choices=FORMATS, help="image format (default: probed)")
     s.add_argument("--allocator", choices=ALLOCATORS,
-                   help="qcow2 cluster allocator: fixed (default) or qemu-1.1.2 (reproduces the 2012 bug)")
+                   help="qcow2 cluster allocator: fixed (default), qemu-1.1.2 (qemu 1.1.2's, which "
+                        "corrupts as in 2012) or qemu-1.1.2+b7ab0fea (the same with the fix alone)")
     s.add_argument("--delay", action="append", metavar="EVENT=SECONDS",
                    help="sleep at this blkdebug event (repeatable), e.g. cow_read=0.5")
     s.add_argument("--inject-error", action="append", metavar="EVENT=ERRNO[:once]",

@@ -17,7 +17,7 @@ The TOML file (see ``conf/nbdserve.example.toml``)::
     format = "qcow2"              # or "raw"; omitted: probed
     read_only = false
     description = "a disk"
-    allocator = "fixed"           # or "qemu-1.1.2"
+    allocator = "fixed"           # or "qemu-1.1.2", "qemu-1.1.2+b7ab0fea"
     delay = { cow_read = 0.5 }    # blkdebug event -> seconds
     inject_error = { l2_update = "ENOSPC:once" }   # blkdebug event -> "ERRNO[:once]"
 
@@ -33,9 +33,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .qcow2.policy import ALLOCATORS
+
 DEFAULT_PORT = 10809
 
-ALLOCATORS = ("fixed", "qemu-1.1.2")
 FORMATS = ("qcow2", "raw")
 TLS_MODES = ("require", "on", "off")   # nbdkit --tls=require|on|off
 
@@ -47,7 +48,7 @@ class ExportConfig:
     format: str | None = None       # "qcow2", "raw", or None to probe
     read_only: bool = False
     description: str = ""
-    allocator: str = "fixed"        # qcow2 AllocationPolicy: "fixed" | "qemu-1.1.2"
+    allocator: str = "fixed"        # a qcow2 AllocationPolicy name (qcow2/policy.py ALLOCATORS)
     delays: dict[str, float] = field(default_factory=dict)  # blkdebug event -> seconds
     # blkdebug event -> (errno, once): qemu blkdebug's [inject-error] (qemu-iotests 026)
     inject_errors: dict[str, tuple[int, bool]] = field(default_factory=dict)

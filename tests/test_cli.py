@@ -167,7 +167,7 @@ def test_bad_config(tmp_path):
     conf.write_text('[[export]]\nname = "a"\nimage = "a.raw"\nallocator = "foo"\n')
     proc = run_cli("serve", "--config", conf)
     assert proc.returncode == 2
-    assert_one_line_error(proc, str(conf), 'export[0].allocator: expected "fixed" or "qemu-1.1.2", got "foo"')
+    assert_one_line_error(proc, str(conf), 'export[0].allocator: expected "fixed" or "qemu-1.1.2" or "qemu-1.1.2+b7ab0fea", got "foo"')
 
 
 def test_missing_config(tmp_path):

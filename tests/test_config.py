@@ -157,8 +157,8 @@ REFUSALS = [
      'duplicate export name "a" (also export[0])'),
     ('[[export]]\nimage = "a"\n[[export]]\nimage = "b"\n', "export[1].name", 'duplicate export name ""'),
     (GOOD_EXPORT + '[[export]]\nname = "b"\nimage = "b"\nallocator = "foo"\n', "export[1].allocator",
-     'expected "fixed" or "qemu-1.1.2", got "foo"'),
-    ('[[export]]\nimage = "a"\nallocator = 1\n', "export[0].allocator", 'expected "fixed" or "qemu-1.1.2", got 1'),
+     'expected "fixed" or "qemu-1.1.2" or "qemu-1.1.2+b7ab0fea", got "foo"'),
+    ('[[export]]\nimage = "a"\nallocator = 1\n', "export[0].allocator", 'expected "fixed" or "qemu-1.1.2" or "qemu-1.1.2+b7ab0fea", got 1'),
     ('[[export]]\nimage = "a"\nformat = "vmdk"\n', "export[0].format", 'expected "qcow2" or "raw", got "vmdk"'),
     ('[[export]]\nimage = "a"\nread_only = 1\n', "export[0].read_only", "expected true or false, got 1"),
     ('[[export]]\nimage = "a"\ndescription = []\n', "export[0].description", "expected a string, got an array"),
@@ -196,7 +196,7 @@ def test_refusals(tmp_path, text, key, fragment):
 
 def test_bad_allocator_message_exactly(tmp_path):
     path = write(tmp_path, GOOD_EXPORT + '[[export]]\nname = "b"\nimage = "b.raw"\nallocator = "foo"\n')
-    with pytest.raises(ConfigError, match=r'^export\[1\]\.allocator: expected "fixed" or "qemu-1\.1\.2", got "foo"$'):
+    with pytest.raises(ConfigError, match=r'^export\[1\]\.allocator: expected "fixed" or "qemu-1\.1\.2" or "qemu-1\.1\.2\+b7ab0fea", got "foo"$'):
         load_config(path)
 
 

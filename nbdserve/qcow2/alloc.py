@@ -69,7 +69,7 @@ class ClusterAllocation:
         self.l1[l1_index] = new_off | fmt.QCOW_OFLAG_COPIED
         self.l1_dirty.add(l1_index)
         if old_off:
-            self.pending_free.append((old_off, self.cluster_size))
+            self._free_clusters(old_off, self.cluster_size)
         # a reader may have evicted the new table while the events above slept (cache pressure
         # writes it back first): return the cache's copy, never an orphan the caller would
         # change in vain
@@ -77,15 +77,29 @@ class ClusterAllocation:
         return table, (pos >> self.cluster_bits) & (self.l2_entries - 1)
 
     def _free_entry(self, entry: int) -> None:
-        """Queue the host cluster(s) an old L2 entry referenced (qemu: qcow2_free_any_clusters)."""
+        """Free the host cluster(s) an old L2 entry referenced (qemu: qcow2_free_any_clusters;
+        1.1's frees nothing for a zero cluster, even one that kept its allocation: a leak)."""
         if entry & fmt.QCOW_OFLAG_COMPRESSED:
             host = entry & self.compressed_offset_mask
             nb = ((entry >> self.compressed_shift) & self.compressed_count_mask) + 1
             first = host & ~(self.cluster_size - 1)
             last = (host + nb * 512 - (host & 511) - 1) & ~(self.cluster_size - 1)
-            self.pending_free.append((first, last - first + self.cluster_size))
+            self._free_clusters(first, last - first + self.cluster_size)
+        elif entry & fmt.QCOW_OFLAG_ZERO and self.policy.follows_1_1:
+            return
         elif entry & fmt.L2E_OFFSET_MASK:
-            self.pending_free.append((entry & fmt.L2E_OFFSET_MASK, self.cluster_size))
+            self._free_clusters(entry & fmt.L2E_OFFSET_MASK, self.cluster_size)
+
+    def _free_clusters(self, host: int, nbytes: int) -> None:
+        """qemu 1.1: qcow2_free_clusters() at once, so the very next allocation can take them
+        (their refcount reaches the disk after the L2 change, at flush).  ``fixed``: queued,
+        and freed at the flush that made the L2 change durable (image.flush)."""
+        if not self.policy.follows_1_1:
+            self.pending_free.append((host, nbytes))
+            return
+        self.events.fire_sync("cluster_free")
+        self.refcounts.change(host, nbytes, -1, write=False)
+        self.l2cache.drop(host)
 
     def pwrite_now(self, offset: int, data) -> bool:
         """Write in place when every cluster touched is allocated and COPIED (qemu 1.1: the
@@ -173,10 +187,11 @@ class ClusterAllocation:
             nb_clusters = self._count_cow_clusters(table, l2_index + keep, nb_clusters)
             guest_alloc = (pos & ~(cs - 1)) + keep * cs
             alloc_host = cluster_offset + keep * cs if keep else 0
-            nb_clusters, wait_on = self._handle_dependencies(guest_alloc, nb_clusters)
-            if wait_on is not None:
-                await self._unlocked(wait_on.done.wait)
-                continue  # recheck the free/allocated clusters
+            if nb_clusters:   # none: the next cluster is COPIED but not host-contiguous
+                nb_clusters, wait_on = self._handle_dependencies(guest_alloc, nb_clusters)
+                if wait_on is not None:
+                    await self._unlocked(wait_on.done.wait)
+                    continue  # recheck the free/allocated clusters
             never_used = self.refcounts.end_cluster
             if nb_clusters:
                 if alloc_host == 0:
@@ -191,8 +206,10 @@ class ClusterAllocation:
                 meta = L2Meta(offset=guest_alloc, alloc_offset=alloc_host,
                               n_start=0 if keep else n_start, nb_clusters=nb_clusters,
                               nb_available=min(requested, avail),
-                              fresh=alloc_host >> self.cluster_bits >= never_used)
-                self.cluster_allocs.append(meta)
+                              fresh=(alloc_host >> self.cluster_bits >= never_used
+                                     and not self.policy.follows_1_1))
+                # 1.1: QLIST_INSERT_HEAD, so handle_dependencies() meets the newest first
+                self.cluster_allocs.insert(0, meta)
             covered = min((keep + nb_clusters) * cs, n_end) - n_start
             host = (cluster_offset if keep else alloc_host) + n_start
             return host, covered, meta
@@ -208,14 +225,16 @@ class ClusterAllocation:
         return i
 
     def _count_cow_clusters(self, table: array, idx: int, n: int) -> int:
-        """qemu 1.1: count_cow_clusters(): up to the next COPIED cluster; a compressed one alone."""
+        """qemu 1.1: count_cow_clusters(): up to the next COPIED cluster; a compressed first
+        cluster alone.  1.1 runs on through later compressed clusters; ``fixed`` stops there."""
         first, _ = self._entry(table, idx)
         if first & fmt.QCOW_OFLAG_COMPRESSED:
             return 1
+        stop_at_compressed = not self.policy.follows_1_1
         i = 0
         while i < n:
             entry, bitmap = self._entry(table, idx + i)
-            if self._keepable(entry, bitmap) or entry & fmt.QCOW_OFLAG_COMPRESSED:
+            if self._keepable(entry, bitmap) or (stop_at_compressed and entry & fmt.QCOW_OFLAG_COMPRESSED):
                 break
             i += 1
         return i
@@ -258,7 +277,10 @@ class ClusterAllocation:
     async def _copy_range(self, guest_start: int, host_start: int, n_start: int, n_end: int,
                           fresh_end: int = 0) -> None:
         """qemu 1.1: copy_sectors(): read the guest view, write it to the new host location.
-        Zeros bound for fresh clusters (below ``fresh_end``) are not written."""
+        Zeros bound for fresh clusters (below ``fresh_end``) are not written.  1.1 copies
+        only up to the end of the disk."""
+        if self.policy.follows_1_1:
+            n_end = min(n_end, self.size - guest_start)
         if n_end <= n_start:
             return
         await self._unlocked(self._copy_unlocked, guest_start, host_start, n_start, n_end, fresh_end)

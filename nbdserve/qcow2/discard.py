@@ -8,6 +8,8 @@ import errno
 from . import format as fmt
 from .mapping import EXTL2_ALL_ZERO
 
+ZERO_WRITE_PIECE = 32 << 20
+
 
 class ClusterDiscard:
     """Qcow2Image's discard and zero paths (a mixin)."""
@@ -58,6 +60,11 @@ class ClusterDiscard:
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         """qemu: qcow2_co_pdiscard(): whole clusters only; v3 reads zeros, v2 the backing file."""
         self._check_writable(offset, length)
+        if self.policy.follows_1_1:
+            await self._discard_1_1(offset, length)
+            if fua:
+                await self.flush()
+            return
         first, last = self._aligned_part(offset, length)
 
         def discarded(entry, bitmap):
@@ -79,6 +86,11 @@ class ClusterDiscard:
     async def zero(self, offset: int, length: int, *, may_trim: bool = False,
                    fua: bool = False, fast: bool = False) -> None:
         self._check_writable(offset, length)
+        if self.policy.follows_1_1:
+            await self._zero_1_1(offset, length, fast)
+            if fua:
+                await self.flush()
+            return
         if self.version < 3:
             if fast:
                 raise OSError(errno.ENOTSUP, "qcow2 v2 has no zero clusters")
@@ -119,3 +131,62 @@ class ClusterDiscard:
                     break
             else:
                 return
+
+    # -- qemu 1.1.x, for the qemu-1.1.2 modes
+    async def _discard_1_1(self, offset: int, length: int) -> None:
+        """1.1 qcow2_co_discard() -> qcow2_discard_clusters(): start rounded up, end down (also at
+        the disk's end); an allocated entry becomes 0 (so an overlay reads its backing file
+        again, even on v3) and its clusters are freed at once.  No wait for allocations in
+        flight."""
+        cs = self.cluster_size
+        start = -(-offset // cs) * cs
+        end = (offset + length) & ~(cs - 1)
+        if start >= end:
+            return
+
+        def discarded(entry: int) -> int | None:
+            return None if not entry & fmt.L2E_OFFSET_MASK else 0
+
+        async with self.lock:
+            await self._rewrite_l2_1_1(start, (end - start) >> self.cluster_bits, discarded)
+
+    async def _zero_1_1(self, offset: int, length: int, fast: bool) -> None:
+        """1.1 qcow2_co_write_zeroes(): a request not aligned to clusters, or any on a v2 image
+        (-ENOTSUP), is written as zeros through the write path (block.c
+        bdrv_co_do_write_zeroes' bounce buffer); else every entry gets the zero flag, keeping
+        its allocation, and a compressed one is freed (qcow2_zero_clusters)."""
+        cs = self.cluster_size
+        if offset % cs or length % cs or self.version < 3:
+            if fast:
+                raise OSError(errno.ENOTSUP, "qemu 1.1 writes this zeroing as data")
+            pos, end = offset, offset + length
+            while pos < end:   # in 32 MiB pieces (cluster-aligned cuts) rather than one buffer
+                n = min(end, (pos | (ZERO_WRITE_PIECE - 1)) + 1) - pos
+                await self.pwrite(pos, bytes(n))
+                pos += n
+            return
+
+        def zeroed(entry: int) -> int:
+            return fmt.QCOW_OFLAG_ZERO if entry & fmt.QCOW_OFLAG_COMPRESSED else entry | fmt.QCOW_OFLAG_ZERO
+
+        async with self.lock:
+            await self._rewrite_l2_1_1(offset, length >> self.cluster_bits, zeroed)
+
+    async def _rewrite_l2_1_1(self, offset: int, nb_clusters: int, new_entry) -> None:
+        """1.1 discard_single_l2() / zero_single_l2() over each L2 table in turn:
+        get_cluster_table() allocates a missing table; ``new_entry(old)`` gives the new entry
+        (None: unchanged); the old entry's clusters are freed right after it changed."""
+        while nb_clusters > 0:
+            table, l2_index = await self._get_cluster_table(offset)
+            n = min(nb_clusters, self.l2_entries - l2_index)
+            for i in range(l2_index, l2_index + n):
+                old = table[i]
+                new = new_entry(old)
+                if new is None:
+                    continue
+                self.l2cache.mark_dirty(self._l2_offset(offset))
+                table[i] = new
+                if new & fmt.L2E_OFFSET_MASK != old & fmt.L2E_OFFSET_MASK:
+                    self._free_entry(old)
+            nb_clusters -= n
+            offset += n << self.cluster_bits

@@ -12,9 +12,11 @@ where other requests interleave.
 
 Durability (flush): data and refcount increments are written through; L2 and
 L1 changes are cached and written at flush only after an fsync made the data
-they point at durable; freed clusters return to the free pool only after the
-L2 entries that dropped them are durable.  A crash therefore leaks clusters at
-worst, and never leaves metadata pointing at unwritten or reused clusters.
+they point at durable; with ``fixed``, freed clusters return to the free pool
+only after the L2 entries that dropped them are durable.  A crash therefore
+leaks clusters at worst, and never leaves metadata pointing at unwritten or
+reused clusters.  The qemu-1.1.2 modes free at once, as 1.1.x did (the next
+allocation may take the clusters), and write the decrement after the L2 change.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from .header import Qcow2Header, read_header
 from .l2cache import L2Cache, decode_table
 from .mapping import COMPRESSED, DATA, UNALLOCATED, ZERO, ClusterMapping
 from .policy import AllocationPolicy, policy_by_name
-from .refcount import Refcounts
+from .refcount import Refcounts, Refcounts11
 
 MAX_CHAIN_DEPTH = 256
 L2_CACHE_BYTES = 32 << 20
@@ -123,13 +125,14 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
         self.l1 = decode_table(raw_l1)
         self.l1_dirty: set[int] = set()
         raw_rt = os.pread(fd, header.refcount_table_clusters * cs, header.refcount_table_offset)
-        self.refcounts = Refcounts(fd, self.cluster_bits, header.refcount_order,
-                                   list(decode_table(raw_rt)), header.refcount_table_offset,
-                                   self.events.fire_sync, self._refcount_table_moved)
+        refcounts = Refcounts11 if policy.follows_1_1 else Refcounts
+        self.refcounts = refcounts(fd, self.cluster_bits, header.refcount_order,
+                                  list(decode_table(raw_rt)), header.refcount_table_offset,
+                                  self.events.fire_sync, self._refcount_table_moved)
         self.l2cache = L2Cache(fd, cs, L2_CACHE_BYTES // cs, self._write_back_metadata_sync)
         self.lock = CoMutex()
         self.cluster_allocs: list[L2Meta] = []
-        self.pending_free: list[tuple[int, int]] = []   # (host offset, bytes) freed at next flush
+        self.pending_free: list[tuple[int, int]] = []   # fixed: (host offset, bytes) freed at next flush
         self.writes_in_flight: list[tuple[int, int]] = []   # (host offset, bytes) written unlocked
         self.backing: BlockDevice | None = None
         self._compressed_cache: tuple[int, bytes] | None = None
@@ -371,6 +374,9 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
             if self.l2cache.dirty or self.l1_dirty:
                 self._write_tables()
                 await trio.to_thread.run_sync(os.fsync, self.fd)
+            if self.refcounts.unwritten:   # 1.1: the refcount cache after the L2 cache
+                self.refcounts.write_unwritten()
+                await trio.to_thread.run_sync(os.fsync, self.fd)
             self._apply_pending_frees()
 
     def _write_tables(self) -> None:
@@ -386,9 +392,13 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
             self.l1_dirty.clear()
 
     def _write_back_metadata_sync(self) -> None:
-        """Cache pressure: make data durable, then write every dirty table."""
+        """Cache pressure: make data durable, then write every dirty table (and after them
+        the decrements they made possible)."""
         os.fsync(self.fd)
         self._write_tables()
+        if self.refcounts.unwritten:
+            os.fsync(self.fd)
+            self.refcounts.write_unwritten()
 
     def _apply_pending_frees(self) -> None:
         frees, self.pending_free = self.pending_free, []

@@ -76,6 +76,7 @@ class Refcounts:
         self.end_cluster = 0           # one past the highest cluster ever allocated here
         self.on_event = on_event
         self.on_table_moved = on_table_moved   # header update once a grown table is durable
+        self.unwritten: set[int] = set()   # clusters whose decrement is not on disk yet (see change)
 
     # -- reading
     def _block(self, ti: int) -> array | None:
@@ -97,8 +98,16 @@ class Refcounts:
         blk = _decode(raw, self.bits)
         self.blocks[ti] = blk
         if len(self.blocks) > self.max_cached_blocks:
-            self.blocks.popitem(last=False)
+            self._evict()
         return blk
+
+    def _evict(self) -> None:
+        """Drop the least recently used block that holds no unwritten refcount."""
+        pinned = {c >> self.block_entries_bits for c in self.unwritten}
+        for ti in self.blocks:
+            if ti not in pinned:
+                del self.blocks[ti]
+                return
 
     def get(self, cluster: int) -> int:
         blk = self._block(cluster >> self.block_entries_bits)
@@ -118,8 +127,9 @@ class Refcounts:
                 byte |= blk[first + i] << (i * self.bits)
             os.pwrite(self.fd, bytes([byte]), base + first // per_byte)
 
-    def set(self, cluster: int, value: int) -> None:
-        """Write one refcount; the refcount block must exist (see ensure_blocks)."""
+    def set(self, cluster: int, value: int, write: bool = True) -> None:
+        """Write one refcount; the refcount block must exist (see ensure_blocks).  With
+        ``write`` False the change is made in memory only and written by write_unwritten()."""
         if not 0 <= value <= self.max_refcount:
             raise OSError(errno.ERANGE if value > 0 else errno.EIO,
                           f"refcount of cluster {cluster} out of range: {value}")
@@ -129,19 +139,34 @@ class Refcounts:
         index = cluster & (self.block_entries - 1)
         blk[index] = value
         self.on_event("refblock_update")
-        self._write_entry(ti, blk, index)
+        if write:
+            self._write_entry(ti, blk, index)
+            self.unwritten.discard(cluster)
+        else:
+            self.unwritten.add(cluster)
         if value == 0 and cluster < self.free_cluster_index:
             self.free_cluster_index = cluster
 
-    def change(self, offset: int, nbytes: int, delta: int) -> None:
+    def change(self, offset: int, nbytes: int, delta: int, write: bool = True) -> None:
+        """Add ``delta`` to the refcounts of the clusters the byte range touches.  A decrement
+        with ``write`` False is in force at once (the clusters can be allocated again) but
+        reaches the disk only with write_unwritten(): qemu 1.1's refcount cache depends on
+        the L2 cache for decrements (update_refcount: qcow2_cache_set_dependency)."""
         first = offset >> self.cluster_bits
         last = (offset + nbytes - 1) >> self.cluster_bits
         if delta > 0:
             self.ensure_blocks(first, last + 1)
         for c in range(first, last + 1):
-            self.set(c, self.get(c) + delta)
+            self.set(c, self.get(c) + delta, write or delta > 0)
         if delta > 0:
             self.end_cluster = max(self.end_cluster, last + 1)
+
+    def write_unwritten(self) -> None:
+        """Write the refcounts change(write=False) left in memory only."""
+        for c in sorted(self.unwritten):
+            ti = c >> self.block_entries_bits
+            self._write_entry(ti, self._block(ti), c & (self.block_entries - 1))
+        self.unwritten.clear()
 
     # -- allocation (qemu: alloc_clusters_noref, qcow2_alloc_clusters_at)
     def find_free(self, n: int) -> int:
@@ -295,3 +320,147 @@ class Refcounts:
         self.end_cluster = max(self.end_cluster, end)
         # the old table is unreferenced once the header switch is durable
         self.change(old_offset, old_clusters * cs, -1)
+
+
+class Refcounts11(Refcounts):
+    """Cluster and refcount block allocation as qemu 1.1.x places them (qcow2-refcount.c:
+    alloc_clusters_noref, qcow2_alloc_clusters, qcow2_alloc_clusters_at, update_refcount,
+    alloc_refcount_block), for the qemu-1.1.2 modes: where a new refcount block or a grown
+    refcount table lands decides which host clusters data gets afterwards.  qemu 1.1 knows
+    16-bit refcounts only."""
+
+    def _noref(self, n: int) -> int:
+        """1.1 alloc_clusters_noref(): first fit, advancing free_cluster_index past the run."""
+        i = 0
+        while i < n:
+            c = self.free_cluster_index
+            self.free_cluster_index += 1
+            if self.get(c) != 0:
+                i = 0
+            else:
+                self.check_not_fixed_metadata(c)
+                i += 1
+        return self.free_cluster_index - n
+
+    def alloc(self, n: int) -> int:
+        """1.1 qcow2_alloc_clusters()."""
+        self.on_event("cluster_alloc")
+        start = self._noref(n)
+        self._increment(start, n)
+        return start << self.cluster_bits
+
+    def alloc_at(self, offset: int, n: int) -> int:
+        """1.1 qcow2_alloc_clusters_at(): up to ``n`` free clusters from ``offset``; a refcount
+        block it needs is placed after them (free_cluster_index is moved there meanwhile)."""
+        first = offset >> self.cluster_bits
+        index = first
+        count = 0
+        while count < n:
+            refcount = self.get(index)
+            index += 1
+            if refcount != 0:
+                break
+            self.check_not_fixed_metadata(index - 1)
+            count += 1
+        if count:
+            old_free = self.free_cluster_index
+            self.free_cluster_index = index + count    # sic (1.1.2)
+            self._increment(first, count)
+            self.free_cluster_index = old_free
+        return count
+
+    def change(self, offset: int, nbytes: int, delta: int, write: bool = True) -> None:
+        if delta <= 0:
+            return super().change(offset, nbytes, delta, write)
+        first = offset >> self.cluster_bits
+        last = (offset + nbytes - 1) >> self.cluster_bits
+        self._increment(first, last - first + 1)
+
+    def _increment(self, first: int, count: int) -> None:
+        """1.1 update_refcount(+1): each cluster's refcount block is allocated when reached."""
+        ti = -1
+        for c in range(first, first + count):
+            if c >> self.block_entries_bits != ti:
+                ti = c >> self.block_entries_bits
+                self._alloc_block(c)
+            self.set(c, self.get(c) + 1)
+        self.end_cluster = max(self.end_cluster, first + count)
+
+    def _alloc_block(self, cluster: int) -> None:
+        """1.1 alloc_refcount_block()."""
+        ti = cluster >> self.block_entries_bits
+        if ti < len(self.table) and self.table[ti] & fmt.REFT_OFFSET_MASK:
+            return
+        self.on_event("refblock_alloc")
+        new_block = self._noref(1)
+        if new_block >> self.block_entries_bits == ti:      # in_same_refcount_block()
+            blk = _decode(bytes(self.cluster_size), self.bits)
+            blk[new_block & (self.block_entries - 1)] = 1    # the block describes itself
+        else:
+            self._increment(new_block, 1)                    # described elsewhere
+            blk = _decode(bytes(self.cluster_size), self.bits)
+        self._write_block(new_block << self.cluster_bits, blk)
+        os.fsync(self.fd)
+        self.end_cluster = max(self.end_cluster, new_block + 1)
+        if ti < len(self.table):
+            self.on_event("refblock_alloc_hookup")
+            self.table[ti] = new_block << self.cluster_bits
+            os.pwrite(self.fd, fmt.U64.pack(self.table[ti]), self.table_offset + ti * 8)
+            os.fsync(self.fd)
+            self.blocks[ti] = blk
+            return
+        self._grow_table_11(ti, new_block, blk)
+
+    def _next_table_size(self, min_size: int) -> int:
+        """1.1 next_refcount_table_size(): in entries, grown by half until it fits."""
+        shift = self.cluster_bits - 3
+        min_clusters = (min_size >> shift) + 1
+        clusters = max(1, len(self.table) >> shift)
+        while min_clusters > clusters:
+            clusters = (clusters * 3 + 1) // 2
+        return clusters << shift
+
+    def _grow_table_11(self, ti: int, new_block: int, blk: array) -> None:
+        """1.1 alloc_refcount_block(), second half: new refcount blocks describing themselves and
+        a bigger table after them, placed at the first refcount block range past
+        free_cluster_index; then the header switch; then the old table is freed."""
+        self.on_event("reftable_grow")
+        cs, rbc = self.cluster_size, self.block_entries
+        blocks_used = -(-self.free_cluster_index // rbc)
+        table_size = self._next_table_size(blocks_used + 1)
+        while True:
+            table_clusters = -(-table_size // cs)     # sic (1.1.2): size_to_clusters(s, table_size)
+            blocks_clusters = 1 + -(-table_clusters // rbc)
+            meta_clusters = table_clusters + blocks_clusters
+            last_size = table_size
+            table_size = self._next_table_size(blocks_used + -(-meta_clusters // rbc))
+            if table_size == last_size:
+                break
+        meta = blocks_used * rbc
+        table_offset = (meta + blocks_clusters) * cs
+        new_table = list(self.table) + [0] * (table_size - len(self.table))
+        new_table[ti] = new_block << self.cluster_bits
+        for i in range(blocks_clusters):
+            new_table[blocks_used + i] = (meta + i) * cs
+        table_clusters = -(-table_size * 8 // cs)
+        new_blocks = _decode(bytes(blocks_clusters * cs), self.bits)
+        for i in range(table_clusters + blocks_clusters):
+            new_blocks[i] = 1
+        self.on_event("refblock_alloc_write")
+        pwrite_all(self.fd, _encode(new_blocks, self.bits), meta * cs)
+        os.fsync(self.fd)
+        self.on_event("refblock_alloc_write_table")
+        pwrite_all(self.fd, b"".join(fmt.U64.pack(e) for e in new_table), table_offset)
+        os.fsync(self.fd)
+        self.on_event("refblock_alloc_switch_table")
+        self.on_table_moved(table_offset, table_clusters)
+        old_offset, old_entries = self.table_offset, len(self.table)
+        self.table = new_table
+        self.table_offset = table_offset
+        for i in range(blocks_clusters):
+            self.blocks[blocks_used + i] = new_blocks[i * rbc:(i + 1) * rbc]
+        self.blocks[ti] = blk
+        self.end_cluster = max(self.end_cluster, meta + blocks_clusters + table_clusters)
+        old_free = self.free_cluster_index      # "we must not change free_cluster_index"
+        self.change(old_offset, old_entries * 8, -1, write=False)
+        self.free_cluster_index = old_free

@@ -1,4 +1,4 @@
-"""``nbdserve reproduce SCENARIO [--allocator fixed|qemu-1.1.2] [--json] [--keep]``.
+"""``nbdserve reproduce SCENARIO [--allocator NAME] [--json] [--keep]``.
 
 SCENARIO is one of the qemu-io scenarios (iotest-047, race), ``guest`` (a Linux guest
 running dpkg on the served overlay, see nbdserve/guest), or ``all``: every qemu-io
@@ -11,10 +11,12 @@ import argparse
 import json
 import logging
 
-from ..qcow2.policy import POLICIES
+from ..qcow2.policy import ALLOCATORS
 from .scenarios import SCENARIOS
 
 GUEST_CLIENTS = ("virtio", "nbd-client")
+# the A/B of Philipp's bisect: qemu 1.1.2, and qemu 1.1.2 with only b7ab0fea applied
+DEFAULT_PAIR = ("qemu-1.1.2", "qemu-1.1.2+b7ab0fea")
 
 
 def add_arguments(r: argparse.ArgumentParser) -> None:
@@ -22,8 +24,8 @@ def add_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("scenario", choices=[*SCENARIOS, "guest", "all"], metavar="SCENARIO",
                    help=f"one of: {', '.join(SCENARIOS)}, guest (a Linux guest running dpkg), "
                         "or all (every one of them, the guest through both client paths)")
-    r.add_argument("--allocator", choices=list(POLICIES),
-                   help="run one allocator (default: both, side by side)")
+    r.add_argument("--allocator", choices=ALLOCATORS,
+                   help=f"run one allocator (default: {' and '.join(DEFAULT_PAIR)}, side by side)")
     r.add_argument("--json", action="store_true", help="print one JSON object per run")
     r.add_argument("--keep", action="store_true", help="keep the images of each run for inspection")
     r.add_argument("--client", choices=GUEST_CLIENTS,
@@ -42,7 +44,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     quiet.addHandler(logging.NullHandler())
     quiet.setLevel(logging.WARNING)
     names = list(SCENARIOS) if args.scenario == "all" else [n for n in SCENARIOS if n == args.scenario]
-    allocators = [args.allocator] if args.allocator else list(POLICIES)
+    allocators = [args.allocator] if args.allocator else list(DEFAULT_PAIR)
     with_guest = args.scenario in ("guest", "all")
     clients = [args.client] if args.client else (list(GUEST_CLIENTS) if args.scenario == "all" else ["virtio"])
 

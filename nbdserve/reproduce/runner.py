@@ -84,7 +84,8 @@ async def run_scenario(scenario: Scenario, allocator: str, *, keep: bool = False
                                                                         shutdown=shutdown))
             host, port = bound[0]
             uri = f"nbd://{host}:{port}/{EXPORT}"
-            await qemu_io(uri, scenario.setup)
+            if scenario.setup:
+                await qemu_io(uri, scenario.setup)
             for invocation in scenario.invocations:
                 await qemu_io(uri, invocation)
             for check in pattern_checks(list(scenario.checks)):
