@@ -13,6 +13,7 @@ import trio
 
 from nbdserve.qcow2 import Qcow2Image
 
+from conftest import import_libnbd
 from qemu_tools import (RawReference, check, compare, convert_raw, create, info, needs_qemu, pattern,
                         qemu_img, qemu_io, qemu_map, read_all, shape_ids)
 
@@ -460,3 +461,30 @@ async def test_extended_l2_subclusters_from_qemu_then_partial_writes(tmp_path):
     await m.trim(192 * K, 64 * K)
     await m.verify()
     await close_and_check(m, path, tmp_path)
+
+
+@pytest.mark.parametrize("extended_l2", ["off", "on"])
+def test_write_zeroes_no_hole_keeps_the_allocation(nbdserve, tmp_path, extended_l2):
+    """proto.md: NBD_CMD_FLAG_NO_HOLE "the server MUST NOT" deallocate; qemu keeps the host
+    cluster and flags it zero (QCOW2_SUBCLUSTER_ZERO_ALLOC), with and without extended L2.
+    The same zeroing by qemu-io (write -z without -u: no unmap) on a twin image must give
+    the same map, host offsets aside."""
+    nbd = import_libnbd()
+    ours = create(tmp_path / "ours.qcow2", "4M", extended_l2=extended_l2)
+    theirs = create(tmp_path / "theirs.qcow2", "4M", extended_l2=extended_l2)
+    for path in (ours, theirs):
+        qemu_io(path, "write -P 0x5a 0 1M")
+    qemu_io(theirs, "write -z 64k 512k")
+    srv = nbdserve("serve", ours, "-f", "qcow2", "-x", "d")
+    h = nbd.NBD()
+    h.connect_uri(srv.uri)
+    h.zero(512 * 1024, 64 * 1024, flags=nbd.CMD_FLAG_NO_HOLE)    # count, offset
+    h.shutdown()
+    assert srv.stop() == 0
+
+    def shape(path):
+        return [(e["start"], e["length"], e["zero"], e["data"], "offset" in e) for e in qemu_map(path)]
+    assert shape(ours) == shape(theirs)
+    assert any(e["zero"] and "offset" in e for e in qemu_map(ours))
+    qemu_io(ours, "read -P 0x5a 0 64k", "read -P 0 64k 512k", "read -P 0x5a 576k 448k")
+    check(ours)

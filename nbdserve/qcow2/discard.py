@@ -109,9 +109,10 @@ class ClusterDiscard:
         zero_entry = self._zero_entry()
 
         def zeroed(entry, bitmap):
-            if not may_trim and self._keepable(entry, bitmap) and not self.extended_l2:
-                # NO_HOLE: keep the allocation, flag it zero (qemu: QCOW2_SUBCLUSTER_ZERO_ALLOC)
-                return (entry | fmt.QCOW_OFLAG_ZERO, 0)
+            if not may_trim and self._keepable(entry, bitmap):
+                # NO_HOLE: keep the allocation, flag it zero (qemu: QCOW2_SUBCLUSTER_ZERO_ALLOC;
+                # extended L2: the host offset stays, every subcluster reads zeros)
+                return (entry, EXTL2_ALL_ZERO) if self.extended_l2 else (entry | fmt.QCOW_OFLAG_ZERO, 0)
             return zero_entry
 
         if last > first:
