@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Differential comparison of the qemu-1.1.2 modes with real qemu 1.1.2 (run by hand).
 
-For each random sequential qemu-io script: an image (and optionally a qcow2 backing
-file) made by qemu-img 1.1.2 is copied twice; qemu-io 1.1.2 runs the script on one copy
+For each random sequential qemu-io script: an image made by qemu-img 1.1.2 (empty, over a
+qcow2 backing file, or holding compressed clusters from ``convert -c``) is copied twice; qemu-io 1.1.2 runs the script on one copy
 as a file, the installed qemu-io runs it over NBD against ``nbdserve serve --allocator
 MODE`` on the other; then the guest bytes (``qemu-img convert``) and the guest-to-host
 map (``qemu-img map --output=json``, offsets included) of the two must be equal.
@@ -114,8 +114,9 @@ def serve_and_run(nbdserve: list[str], image: str, allocator: str, cmds: list[st
 def compare_one(args, rnd: random.Random, tmp: str, index: int) -> tuple[str, list[str], bool]:
     cs = rnd.choice(CLUSTER_SIZES)
     compat = rnd.choice(("0.10", "1.1"))
-    backing = rnd.random() < 0.5
-    shape = f"cluster={cs} compat={compat} backing={'qcow2' if backing else 'none'}"
+    start = rnd.choice(("empty", "backing", "compressed"))
+    backing = start == "backing"
+    shape = f"cluster={cs} compat={compat} start={start}"
     q112_img, q112_io = os.path.join(args.qemu112, "qemu-img"), os.path.join(args.qemu112, "qemu-io")
     d = os.path.join(tmp, str(index))
     os.makedirs(d)
@@ -128,6 +129,16 @@ def compare_one(args, rnd: random.Random, tmp: str, index: int) -> tuple[str, li
         if fill:
             run(q112_io, *qemu_io_args(fill), base)
         run(*create[:-2], "-o", f"{opts},backing_file=base.qcow2", os.path.join(d, "img.qcow2"), cwd=d)
+    elif start == "compressed":   # qemu-img 1.1.2 convert -c of a patterned raw disk
+        raw = os.path.join(d, "src.raw")
+        with open(raw, "wb") as f:
+            f.truncate(DISK)
+        fill = [f"write -P {rnd.randrange(1, 256):#x} {o * 256 * K} {256 * K}" for o in range(0, 16)
+                if rnd.random() < 0.6]
+        if fill:
+            run(q112_io, *qemu_io_args(fill), raw)
+        run(q112_img, "convert", "-c", "-O", "qcow2", "-o", opts, raw, os.path.join(d, "img.qcow2"))
+        os.unlink(raw)
     else:
         run(*create, os.path.join(d, "img.qcow2"), str(DISK))
     a, b = os.path.join(d, "a.qcow2"), os.path.join(d, "b.qcow2")
