@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import trio
 
 from ..blockdev import FILE_SLICE_MIN, BlockDevice, Extent, FileSlice, ReadChunk, check_range
+from ..blockdev import fileio
 from . import format as fmt
 from .alloc import L2Meta, ClusterAllocation
 from .comutex import CoMutex
@@ -172,8 +173,8 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
             # qcow2.txt: a writer that does not maintain an autoclear feature (persistent dirty
             # bitmaps) clears its bit before the first write, so nobody trusts stale bitmaps
             h.autoclear_features = 0
-            os.pwrite(self.fd, fmt.U64.pack(0), fmt.OFFSET_AUTOCLEAR)
-            os.fsync(self.fd)
+            fileio.pwrite_all(self.fd, fmt.U64.pack(0), fmt.OFFSET_AUTOCLEAR)
+            fileio.fsync(self.fd)
         if h.compatible_features & fmt.COMPAT_LAZY_REFCOUNTS:
             # qcow2.txt: the dirty bit is set while refcounts may be stale
             self._write_incompatible(h.incompatible_features | fmt.INCOMPAT_DIRTY)
@@ -183,12 +184,12 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
         if self.version < 3:
             return
         self.header.incompatible_features = bits
-        os.pwrite(self.fd, fmt.U64.pack(bits), fmt.OFFSET_INCOMPATIBLE)
-        os.fsync(self.fd)
+        fileio.pwrite_all(self.fd, fmt.U64.pack(bits), fmt.OFFSET_INCOMPATIBLE)
+        fileio.fsync(self.fd)
 
     def _refcount_table_moved(self, offset: int, clusters: int) -> None:
-        os.pwrite(self.fd, fmt.U64.pack(offset) + clusters.to_bytes(4, "big"), fmt.OFFSET_REFCOUNT_TABLE)
-        os.fsync(self.fd)
+        fileio.pwrite_all(self.fd, fmt.U64.pack(offset) + clusters.to_bytes(4, "big"), fmt.OFFSET_REFCOUNT_TABLE)
+        fileio.fsync(self.fd)
         self.header.refcount_table_offset = offset
         self.header.refcount_table_clusters = clusters
 
@@ -370,13 +371,13 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
         async with self.lock:
             await self.events.fire("flush_to_os")
             await self.events.fire("flush_to_disk")
-            await trio.to_thread.run_sync(os.fsync, self.fd)
+            await trio.to_thread.run_sync(fileio.fsync, self.fd)
             if self.l2cache.dirty or self.l1_dirty:
                 self._write_tables()
-                await trio.to_thread.run_sync(os.fsync, self.fd)
+                await trio.to_thread.run_sync(fileio.fsync, self.fd)
             if self.refcounts.unwritten:   # 1.1: the refcount cache after the L2 cache
                 self.refcounts.write_unwritten()
-                await trio.to_thread.run_sync(os.fsync, self.fd)
+                await trio.to_thread.run_sync(fileio.fsync, self.fd)
             self._apply_pending_frees()
 
     def _write_tables(self) -> None:
@@ -384,20 +385,20 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
         if self.l2cache.dirty:
             self.l2cache.write_dirty()
             if self.l1_dirty:
-                os.fsync(self.fd)
+                fileio.fsync(self.fd)
         if self.l1_dirty:
             off = self.header.l1_table_offset
             for i in sorted(self.l1_dirty):
-                os.pwrite(self.fd, fmt.U64.pack(self.l1[i]), off + i * 8)
+                fileio.pwrite_all(self.fd, fmt.U64.pack(self.l1[i]), off + i * 8)
             self.l1_dirty.clear()
 
     def _write_back_metadata_sync(self) -> None:
         """Cache pressure: make data durable, then write every dirty table (and after them
         the decrements they made possible)."""
-        os.fsync(self.fd)
+        fileio.fsync(self.fd)
         self._write_tables()
         if self.refcounts.unwritten:
-            os.fsync(self.fd)
+            fileio.fsync(self.fd)
             self.refcounts.write_unwritten()
 
     def _apply_pending_frees(self) -> None:

@@ -15,6 +15,7 @@ from array import array
 from collections import OrderedDict
 from typing import Callable
 
+from ..blockdev import fileio
 from ..blockdev.fileio import pwrite_all
 from . import format as fmt
 
@@ -118,14 +119,14 @@ class Refcounts:
         base = self.table[ti] & fmt.REFT_OFFSET_MASK
         if self.bits >= 8:
             nbytes = self.bits // 8
-            os.pwrite(self.fd, blk[index].to_bytes(nbytes, "big"), base + index * nbytes)
+            fileio.pwrite_all(self.fd, blk[index].to_bytes(nbytes, "big"), base + index * nbytes)
         else:
             per_byte = 8 // self.bits
             first = index - index % per_byte
             byte = 0
             for i in range(per_byte):
                 byte |= blk[first + i] << (i * self.bits)
-            os.pwrite(self.fd, bytes([byte]), base + first // per_byte)
+            fileio.pwrite_all(self.fd, bytes([byte]), base + first // per_byte)
 
     def set(self, cluster: int, value: int, write: bool = True) -> None:
         """Write one refcount; the refcount block must exist (see ensure_blocks).  With
@@ -251,10 +252,10 @@ class Refcounts:
             self._create_block(rti)                    # its own block first; caller retries
             return
         self._write_block(r << self.cluster_bits, blk)
-        os.fsync(self.fd)                              # the block before the table entry
+        fileio.fsync(self.fd)                              # the block before the table entry
         self.on_event("refblock_alloc_hookup")
         self.table[ti] = r << self.cluster_bits
-        os.pwrite(self.fd, fmt.U64.pack(self.table[ti]), self.table_offset + ti * 8)
+        fileio.pwrite_all(self.fd, fmt.U64.pack(self.table[ti]), self.table_offset + ti * 8)
         self.blocks[ti] = blk
         self.end_cluster = max(self.end_cluster, r + 1)
 
@@ -310,7 +311,7 @@ class Refcounts:
         raw = b"".join(fmt.U64.pack(e) for e in new_table)
         self.on_event("refblock_alloc_write_table")
         pwrite_all(self.fd, raw, start << self.cluster_bits)
-        os.fsync(self.fd)
+        fileio.fsync(self.fd)
         old_offset, old_clusters = self.table_offset, (len(self.table) * 8 + cs - 1) // cs
         self.on_event("refblock_alloc_switch_table")
         self.on_table_moved(start << self.cluster_bits, tclusters)
@@ -400,13 +401,13 @@ class Refcounts11(Refcounts):
             self._increment(new_block, 1)                    # described elsewhere
             blk = _decode(bytes(self.cluster_size), self.bits)
         self._write_block(new_block << self.cluster_bits, blk)
-        os.fsync(self.fd)
+        fileio.fsync(self.fd)
         self.end_cluster = max(self.end_cluster, new_block + 1)
         if ti < len(self.table):
             self.on_event("refblock_alloc_hookup")
             self.table[ti] = new_block << self.cluster_bits
-            os.pwrite(self.fd, fmt.U64.pack(self.table[ti]), self.table_offset + ti * 8)
-            os.fsync(self.fd)
+            fileio.pwrite_all(self.fd, fmt.U64.pack(self.table[ti]), self.table_offset + ti * 8)
+            fileio.fsync(self.fd)
             self.blocks[ti] = blk
             return
         self._grow_table_11(ti, new_block, blk)
@@ -448,10 +449,10 @@ class Refcounts11(Refcounts):
             new_blocks[i] = 1
         self.on_event("refblock_alloc_write")
         pwrite_all(self.fd, _encode(new_blocks, self.bits), meta * cs)
-        os.fsync(self.fd)
+        fileio.fsync(self.fd)
         self.on_event("refblock_alloc_write_table")
         pwrite_all(self.fd, b"".join(fmt.U64.pack(e) for e in new_table), table_offset)
-        os.fsync(self.fd)
+        fileio.fsync(self.fd)
         self.on_event("refblock_alloc_switch_table")
         self.on_table_moved(table_offset, table_clusters)
         old_offset, old_entries = self.table_offset, len(self.table)
