@@ -13,6 +13,7 @@ import re
 import shlex
 import subprocess
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
 
 import trio
@@ -151,15 +152,23 @@ async def _first(*functions) -> int:
     return outcome[0]
 
 
-async def run_script(target: str, control: str, commands: tuple[str, ...],
-                     export: str | None = None) -> tuple[list[tuple[str, list[str]]], dict[str, bool]]:
+@dataclass
+class ScriptRun:
+    outputs: list[tuple[str, list[str]]]   # each qemu-io command, the lines it printed up to its prompt
+    hit: dict[str, bool]                   # per tag: a request stopped at that breakpoint
+    transcript: list[str]                  # qemu-io's output, with blkdebug's lines where qemu-io prints them
+
+
+async def run_script(target: str, control: str, commands: tuple[str, ...] | list[str],
+                     export: str | None = None) -> ScriptRun:
     """Kevin Wolf's way: ``commands`` into one qemu-io through a pipe, line by line, its
     blkdebug commands through the control socket.  ``wait_break TAG`` returns once a request
     is suspended there, or once no AIO request is left that could reach it (with the fixed
     allocator cow_write is never reached and the aio_write completes); ``resume TAG`` of a
-    breakpoint never hit removes it.  Returns each qemu-io command with the lines it printed
-    up to its prompt, and per tag whether the breakpoint was hit.  A command that fails
-    ("write failed: ...", "aio_write failed: ...") raises RuntimeError."""
+    breakpoint never hit removes it.  The transcript has qemu's blkdebug lines ("blkdebug:
+    Suspended request 'A'", "blkdebug: Resuming request 'A'", block/blkdebug.c) where qemu-io
+    run on a blkdebug: image prints them.  A command that fails ("write failed: ...",
+    "aio_write failed: ...") raises RuntimeError."""
     hit: dict[str, bool] = {}
     where = {} if export is None else {"export": export}
     outputs: list[tuple[str, list[str]]] = []
@@ -176,7 +185,11 @@ async def run_script(target: str, control: str, commands: tuple[str, ...],
                     first = await _first(partial(waiter.request, "wait-break", tag=tag, **where),
                                          qemu_io.aio_idle)
                 hit[tag] = first == 0
+                if hit[tag]:
+                    qemu_io.lines.append(f"blkdebug: Suspended request '{tag}'")
             elif op == "resume":
+                if hit.get(argv[1]):
+                    qemu_io.lines.append(f"blkdebug: Resuming request '{argv[1]}'")
                 await ctl.request("resume" if hit.get(argv[1]) else "remove-break", tag=argv[1], **where)
             elif op == "remove_break":
                 await ctl.request("remove-break", tag=argv[1], **where)
@@ -185,4 +198,4 @@ async def run_script(target: str, control: str, commands: tuple[str, ...],
             failed = [line for line in qemu_io.lines if _FAILED.match(line)]
             if failed:
                 raise RuntimeError(f"qemu-io {command!r}: {failed[0]}")
-    return outputs, hit
+    return ScriptRun(outputs, hit, qemu_io.lines)

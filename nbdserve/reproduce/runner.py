@@ -94,8 +94,8 @@ async def run_scenario(scenario: Scenario, allocator: str, *, keep: bool = False
                 await qemu_io(uri, invocation)
             checks = pattern_checks(list(scenario.checks))
             if scenario.script:   # the checks follow in the same qemu-io process
-                outputs, hit = await run_script(uri, config.control, scenario.script + scenario.checks)
-                printed = dict(outputs)
+                run = await run_script(uri, config.control, scenario.script + scenario.checks)
+                printed, hit = dict(run.outputs), run.hit
                 for check in checks:
                     check_results.append({"command": check.command,
                                           "ok": not any(PATTERN_FAILED in ln for ln in printed[check.command])})
