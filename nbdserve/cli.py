@@ -1,4 +1,5 @@
-"""The ``nbdserve`` command line: ``serve``, ``demo``, ``create``, ``check``, ``info``, ``map`` and ``reproduce``.
+"""The ``nbdserve`` command line: ``serve``, ``demo``, ``create``, ``check``, ``info``, ``map``,
+``ctl`` and ``reproduce``.
 
 Errors are one line on stderr, ``nbdserve: error: ...``; exit status 2 for bad
 usage (flags, config file), 1 for failures at run time (images, sockets).
@@ -243,7 +244,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             ("-x", args.export_name), ("-b", args.bind), ("-p", args.port), ("-k", args.socket),
             ("-r", args.read_only or None), ("-f", args.format), ("--allocator", args.allocator),
             ("--delay", args.delay or None), ("--inject-error", args.inject_error or None),
-            ("--description", args.description), ("--tls", args.tls),
+            ("--description", args.description), ("--control", args.control), ("--tls", args.tls),
             ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--tls-ca", args.tls_ca))
             if value is not None]
         if given:
@@ -285,6 +286,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         inject_errors=inject_errors,
     )
     config = ServerConfig(exports=[export], verbose=args.verbose)
+    if args.control is not None:
+        config.control = os.path.abspath(args.control)
     if args.socket is not None:
         config.unix_socket = os.path.abspath(args.socket)
         if args.bind is None and args.port is None:
@@ -481,6 +484,8 @@ def _serve_arguments(s: argparse.ArgumentParser) -> None:
                    help="fail this blkdebug event with ERRNO (repeatable; every time, or once), "
                         "e.g. l2_update=ENOSPC:once (qemu blkdebug's inject-error)")
     s.add_argument("--description", metavar="TEXT", help="export description shown to clients")
+    s.add_argument("--control", metavar="SOCKET",
+                   help="control socket for blkdebug breakpoints, delays and errors at run time (nbdserve ctl)")
     s.add_argument("-v", "--verbose", action="store_true", help="also log every request (connections are always logged)")
     s.add_argument("--tls-cert", metavar="FILE", help="TLS: the server's certificate (PEM)")
     s.add_argument("--tls-key", metavar="FILE", help="TLS: the certificate's private key (PEM)")
@@ -511,6 +516,54 @@ def _create_arguments(c: argparse.ArgumentParser) -> None:
     c.set_defaults(func=cmd_create)
 
 
+# -- ctl ----------------------------------------------------------------------------------------
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    """One request to a server's control socket; its refusal is one line and exit 1."""
+    from .control import ControlError, ControlClient
+    arguments = {key: getattr(args, key, None) for key in ("event", "tag", "timeout", "seconds", "errno")}
+    if getattr(args, "once", None):
+        arguments["once"] = True
+    try:
+        with ControlClient(args.socket) as client:
+            client.request(args.ctl_command, export=getattr(args, "export", None), **arguments)
+    except ControlError as e:
+        raise CliError(f"ctl {args.ctl_command}: {e}") from None
+    return 0
+
+
+def _ctl_arguments(c: argparse.ArgumentParser) -> None:
+    c.add_argument("socket", metavar="SOCKET", help="the server's control socket (serve --control)")
+    c.add_argument("--export", metavar="NAME", help="the export (needed when the server has several)")
+    sub = c.add_subparsers(dest="ctl_command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, prog=f"{PROG} ctl {name}")
+        p.add_argument("--export", metavar="NAME", default=argparse.SUPPRESS, help="the export")
+        return p
+
+    p = command("break", "stop the next request reaching EVENT (until resume TAG)")
+    p.add_argument("event", metavar="EVENT")
+    p.add_argument("tag", metavar="TAG")
+    p = command("wait-break", "return once a request is suspended at TAG's breakpoint")
+    p.add_argument("tag", metavar="TAG")
+    p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds (exit 1)")
+    p = command("resume", "continue the request suspended at TAG")
+    p.add_argument("tag", metavar="TAG")
+    p = command("remove-break", "remove TAG's breakpoint, resuming a request suspended there")
+    p.add_argument("tag", metavar="TAG")
+    p = command("delay", "sleep SECONDS at every firing of EVENT (0 removes the delay)")
+    p.add_argument("event", metavar="EVENT")
+    p.add_argument("seconds", type=float, metavar="SECONDS")
+    p = command("inject-error", "fail requests reaching EVENT with ERRNO (every time, or once)")
+    p.add_argument("event", metavar="EVENT")
+    p.add_argument("errno", metavar="ERRNO", help="a name like EIO or ENOSPC, or its number")
+    p.add_argument("once", nargs="?", choices=["once"], help="only the first request fails")
+    command("clear", "remove every breakpoint (resuming what is suspended), delay and injected error")
+    c.set_defaults(func=cmd_ctl)
+
+
 def _reproduce_arguments(r: argparse.ArgumentParser) -> None:
     from .reproduce.cli import add_arguments
 
@@ -530,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cli_image import add_subcommands as add_image_commands
     add_image_commands(sub)
+    sub.add_parser("ctl", help="breakpoints, delays and injected errors of a running server "
+                               "(serve --control SOCKET)", populate=_ctl_arguments)
     sub.add_parser("reproduce",
                    help="reproduce the qemu-1.1.2 qcow2 corruption: qemu-io scenarios and a Linux guest",
                    populate=_reproduce_arguments)

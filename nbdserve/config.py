@@ -6,6 +6,7 @@ The TOML file (see ``conf/nbdserve.example.toml``)::
     bind = "127.0.0.1"        # TCP address; omit together with socket set for no TCP listener
     port = 10809
     socket = "nbdserve.sock"  # Unix socket, relative to the config file's folder
+    control = "control.sock"  # control socket (blkdebug breakpoints at run time), likewise
     verbose = false
     handshake_timeout = 10.0
     max_connections = 1000
@@ -74,6 +75,7 @@ class ServerConfig:
     handshake_timeout: float = 10.0
     max_connections: int = 1000
     tls: TlsConfig | None = None    # None: no TLS (STARTTLS is unsupported)
+    control: str | None = None      # the control socket's path (server/control.py), or None
 
 
 class ConfigError(ValueError):
@@ -147,18 +149,34 @@ def check_seconds(key: str, value: Any, *, positive: bool = False) -> float:
 
 
 def check_delays(key: str, value: Any) -> dict[str, float]:
-    """``{event = seconds}``: blkdebug event names mapped to non-negative delays."""
+    """``{event = seconds}``: blkdebug events a request can wait at mapped to non-negative delays."""
     if not isinstance(value, dict):
         raise ConfigError(key, f"expected a table of event = seconds, got {_show(value)}")
     delays: dict[str, float] = {}
     for event, seconds in value.items():
         if not event:
             raise ConfigError(key, "event name must not be empty")
+        from .qcow2.events import check_suspendable   # here: only a delay needs the engine's names
+        try:
+            check_suspendable(event)
+        except ValueError as e:
+            raise ConfigError(f"{key}.{event}", str(e)) from None
         delays[event] = check_seconds(f"{key}.{event}", seconds)
     return delays
 
 
 _ERRNO_BY_NAME = {name: number for number, name in errno.errorcode.items()}
+
+
+def parse_errno(text: str | int) -> int | None:
+    """An errno given as a name (``"ENOSPC"``, any case) or a number; None if it is neither."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        number = text
+    elif isinstance(text, str):
+        number = int(text) if text.isdigit() else _ERRNO_BY_NAME.get(text.upper())
+    else:
+        return None
+    return number if number in errno.errorcode else None
 
 
 def check_inject_errors(key: str, value: Any) -> dict[str, tuple[int, bool]]:
@@ -170,12 +188,17 @@ def check_inject_errors(key: str, value: Any) -> dict[str, tuple[int, bool]]:
     for event, spec in value.items():
         if not event:
             raise ConfigError(key, "event name must not be empty")
+        from .qcow2.events import check_event   # here: only an injection needs the engine's names
+        try:
+            check_event(event)
+        except ValueError as e:
+            raise ConfigError(f"{key}.{event}", str(e)) from None
         text = str(spec) if isinstance(spec, int) and not isinstance(spec, bool) else spec
         if not isinstance(text, str):
             raise ConfigError(f"{key}.{event}", f'expected "ERRNO" or "ERRNO:once", got {_show(spec)}')
         name, sep, mode = text.partition(":")
-        number = int(name) if name.isdigit() else _ERRNO_BY_NAME.get(name.upper())
-        if (sep and mode != "once") or number not in errno.errorcode:
+        number = parse_errno(name)
+        if (sep and mode != "once") or number is None:
             raise ConfigError(f"{key}.{event}", f'expected "ERRNO" or "ERRNO:once" with ERRNO a name '
                                                 f'like EIO or ENOSPC or its number, got {_show(spec)}')
         injections[event] = (number, bool(sep))
@@ -201,7 +224,7 @@ def _refuse_unknown(key: str, table: dict[str, Any], known: tuple[str, ...]) -> 
 
 # -- the TOML file ------------------------------------------------------------------------------
 
-SERVER_KEYS = ("bind", "port", "socket", "verbose", "handshake_timeout", "max_connections", "tls")
+SERVER_KEYS = ("bind", "port", "socket", "control", "verbose", "handshake_timeout", "max_connections", "tls")
 TLS_KEYS = ("cert", "key", "ca", "mode")
 EXPORT_KEYS = ("name", "image", "format", "read_only", "description", "allocator", "delay", "inject_error")
 
@@ -276,6 +299,8 @@ def parse_config(data: dict[str, Any], base_dir: str) -> ServerConfig:
         # Like qemu-nbd -k: a Unix socket alone means no TCP listener unless bind/port ask for one.
         if "bind" not in server and "port" not in server:
             config.bind = None
+    if "control" in server:
+        config.control = _resolve(base, check_str("server.control", server["control"], nonempty=True))
     if "bind" in server:
         config.bind = check_str("server.bind", server["bind"], nonempty=True)
     if "port" in server:

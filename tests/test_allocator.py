@@ -53,9 +53,17 @@ async def test_iotest_047_corruption_is_the_stale_tail_cow():
 
 
 async def test_race_loses_the_concurrent_write():
-    r = await run_scenario(SCENARIOS["race"], "qemu-1.1.2")
-    assert r.bad_ranges == [[480 * K, 32 * K]]
-    assert [c["command"] for c in r.checks if not c["ok"]] == ["read -P 0x99 480k 32k"]
+    """Kevin's reproducer through the control socket, no delays: qemu-1.1.2 stops at cow_write
+    and loses the 0x99 write every time; fixed never reaches cow_write and loses nothing."""
+    assert SCENARIOS["race"].delays == {} and not any("sleep" in c for c in SCENARIOS["race"].script)
+    for _ in range(5):
+        r = await run_scenario(SCENARIOS["race"], "qemu-1.1.2")
+        assert r.breakpoints == {"A": True}
+        assert r.bad_ranges == [[480 * K, 32 * K]]
+        assert [c["command"] for c in r.checks if not c["ok"]] == ["read -P 0x99 480k 32k"]
+        r = await run_scenario(SCENARIOS["race"], "fixed")
+        assert r.breakpoints == {"A": False}
+        assert not r.corrupted and all(c["ok"] for c in r.checks)
 
 
 # ------------------------------------------------------ in-process, breakpoints
@@ -256,7 +264,7 @@ def test_reproduce_all_without_a_guest_says_why(tmp_path):
     from nbdserve.reproduce import SCENARIOS
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool in ("qemu-img", "qemu-io"):
+    for tool in ("qemu-img", "qemu-io", "stdbuf"):   # stdbuf: the race's piped qemu-io (coreutils)
         (bin_dir / tool).symlink_to(shutil.which(tool))
     r = subprocess.run([sys.executable, "-m", "nbdserve", "reproduce", "all", "--json", "--allocator", "fixed"],
                        capture_output=True, text=True, timeout=300, env={**os.environ, "PATH": str(bin_dir)})

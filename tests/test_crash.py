@@ -425,7 +425,7 @@ async def _run_shape(tmp_path: Path, shape, seed: int, backing_view: bytes, *, h
 async def _stop_at(img: Qcow2Image, event: str, snapshot, rng: random.Random,
                    task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Stop the first few requests reaching ``event``; while one waits there, let the others run
-    on for a moment, copy the file, resume it.  A breakpoint armed but never hit is pre-resumed."""
+    on for a moment, copy the file, resume it.  A breakpoint armed but never hit is removed."""
     for k in range(1, 4):
         tag = f"{event}-{k}"
         img.events.set_break(event, tag)
@@ -436,7 +436,7 @@ async def _stop_at(img: Qcow2Image, event: str, snapshot, rng: random.Random,
             await trio.sleep(rng.uniform(0, 0.003))
             snapshot(f"break {event} #{k}")
         finally:
-            img.events.resume(tag)
+            img.events.remove_break(tag)    # resumes the request suspended there, if any
 
 
 @pytest.mark.slow

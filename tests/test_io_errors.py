@@ -336,7 +336,7 @@ def test_inject_error_in_the_config_file(tmp_path):
     (["--inject-error", "write_aio"], 2, "expected EVENT=ERRNO[:once]"),
     (["--inject-error", "write_aio=EBOGUS"], 2, "--inject-error.write_aio: expected"),
     (["--inject-error", "write_aio=EIO:twice"], 2, "--inject-error.write_aio: expected"),
-    (["--inject-error", "no_such_event=EIO"], 1, "unknown blkdebug event 'no_such_event'"),   # as --delay
+    (["--inject-error", "no_such_event=EIO"], 2, "unknown blkdebug event 'no_such_event'"),   # as --delay
 ])
 def test_inject_error_refused(tmp_path, args, status, message):
     image = make_image(tmp_path, SCENARIOS[0], "refused")

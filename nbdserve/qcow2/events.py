@@ -1,7 +1,8 @@
 """blkdebug-style events in the qcow2 engine (qemu: block/blkdebug.c, BLKDBG_* names).
 
 An event can be delayed (``--delay cow_write=0.5``), stop at a breakpoint until
-resumed (qemu-io's ``break`` / ``wait_break`` / ``resume``), fail with an errno
+resumed (qemu-io's ``break`` / ``wait_break`` / ``resume`` / ``remove_break``, here
+through the control socket, nbdserve/server/control.py), fail with an errno
 (qemu-iotests 026 style injection), or call a hook (crash tests).  Events on
 async paths are awaited with :meth:`BlkDebug.fire`; events inside synchronous
 metadata updates use :meth:`BlkDebug.fire_sync`, which supports everything but
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import errno as errno_mod
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import trio
@@ -36,11 +37,29 @@ ASYNC_EVENTS = frozenset({
 })
 
 
+def check_event(name: str) -> None:
+    """ValueError unless ``name`` is one of EVENTS."""
+    if name not in EVENTS:
+        raise ValueError(f"unknown blkdebug event {name!r}; known: {', '.join(EVENTS)}")
+
+
+def check_suspendable(name: str, what: str = "be delayed") -> None:
+    """ValueError unless ``name`` is an event a request can wait at (ASYNC_EVENTS):
+    ``what`` is "be delayed" or "stop at a breakpoint", for the message."""
+    check_event(name)
+    if name not in ASYNC_EVENTS:
+        where = ("is never fired" if name == "read_aio"
+                 else "fires inside a synchronous metadata update")
+        raise ValueError(f"blkdebug event {name!r} cannot {what}: it {where}; "
+                         f"events that can: {', '.join(sorted(ASYNC_EVENTS))}")
+
+
 @dataclass
 class _Breakpoint:
+    event: str
     tag: str
-    hit: trio.Event
-    resumed: trio.Event
+    hit: trio.Event = field(default_factory=trio.Event)       # a request is suspended here
+    resumed: trio.Event = field(default_factory=trio.Event)   # resumed or removed
 
 
 @dataclass
@@ -52,42 +71,91 @@ class _Injection:
 class BlkDebug:
     def __init__(self, delays: dict[str, float] | None = None):
         for name in delays or {}:
-            self._check_name(name)
+            check_suspendable(name)
         self.delays = dict(delays or {})
         self.counts: Counter[str] = Counter()
         self._breakpoints: dict[str, _Breakpoint] = {}   # event -> armed breakpoint
-        self._by_tag: dict[str, _Breakpoint] = {}
+        self._by_tag: dict[str, _Breakpoint] = {}        # tag -> armed or suspended breakpoint
         self._injections: dict[str, _Injection] = {}
         self.hook: Callable[[str], None] | None = None
 
-    @staticmethod
-    def _check_name(name: str) -> None:
-        if name not in EVENTS:
-            raise ValueError(f"unknown blkdebug event {name!r}; known: {', '.join(EVENTS)}")
+    # -- control (tests, the control socket)
+    def _tagged(self, tag: str) -> _Breakpoint:
+        try:
+            return self._by_tag[tag]
+        except KeyError:
+            raise ValueError(f"unknown tag {tag!r}") from None
 
-    # -- control (tests, CLI)
     def set_break(self, event: str, tag: str) -> None:
-        """qemu-io ``break EVENT TAG``: the next request reaching EVENT stops there."""
-        self._check_name(event)
-        if event not in ASYNC_EVENTS:
-            raise ValueError(f"event {event!r} is inside a metadata update and cannot stop")
-        bp = _Breakpoint(tag, trio.Event(), trio.Event())
+        """qemu-io ``break EVENT TAG``: the next request reaching EVENT stops there (once)."""
+        check_suspendable(event, "stop at a breakpoint")
+        if tag in self._by_tag:
+            raise ValueError(f"tag {tag!r} is in use (breakpoint at {self._by_tag[tag].event})")
+        if event in self._breakpoints:
+            raise ValueError(f"event {event!r} already has a breakpoint ({self._breakpoints[event].tag!r})")
+        bp = _Breakpoint(event, tag)
         self._breakpoints[event] = bp
         self._by_tag[tag] = bp
 
     async def wait_break(self, tag: str) -> None:
-        """qemu-io ``wait_break TAG``."""
-        await self._by_tag[tag].hit.wait()
+        """qemu-io ``wait_break TAG``: returns once a request is suspended at TAG;
+        ValueError if TAG is unknown or is removed (remove_break, clear) first."""
+        bp = self._tagged(tag)
+        async with trio.open_nursery() as nursery:
+            async def watch(event: trio.Event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+            nursery.start_soon(watch, bp.hit)
+            nursery.start_soon(watch, bp.resumed)
+        if not bp.hit.is_set():
+            raise ValueError(f"breakpoint {tag!r} was removed before a request reached it")
+
+    def suspended(self, tag: str) -> bool:
+        """True while a request is stopped at TAG's breakpoint."""
+        bp = self._by_tag.get(tag)
+        return bp is not None and bp.hit.is_set()
 
     def resume(self, tag: str) -> None:
-        """qemu-io ``resume TAG``."""
-        self._by_tag.pop(tag).resumed.set()
+        """qemu-io ``resume TAG``: continue the request suspended at TAG."""
+        bp = self._tagged(tag)
+        if not bp.hit.is_set():
+            raise ValueError(f"no request is suspended at {tag!r} (armed at {bp.event}; "
+                             "remove-break removes it)")
+        del self._by_tag[tag]
+        bp.resumed.set()
+
+    def remove_break(self, tag: str) -> None:
+        """qemu-io ``remove_break TAG``: disarm TAG, resuming a request suspended there."""
+        bp = self._tagged(tag)
+        del self._by_tag[tag]
+        if self._breakpoints.get(bp.event) is bp:
+            del self._breakpoints[bp.event]
+        bp.resumed.set()
+
+    def set_delay(self, event: str, seconds: float) -> None:
+        """Sleep ``seconds`` at every firing of EVENT; 0 removes the delay."""
+        check_suspendable(event)
+        if seconds:
+            self.delays[event] = seconds
+        else:
+            self.delays.pop(event, None)
 
     def inject_error(self, event: str, err: int = errno_mod.EIO, once: bool = True) -> None:
-        self._check_name(event)
+        check_event(event)
         self._injections[event] = _Injection(err, once)
 
     def clear_errors(self) -> None:
+        self._injections.clear()
+
+    def remove_breaks(self) -> None:
+        """Every breakpoint goes; the requests suspended at them go on."""
+        for tag in list(self._by_tag):
+            self.remove_break(tag)
+
+    def clear(self) -> None:
+        """Every breakpoint (resuming what is suspended), delay and injected error goes."""
+        self.remove_breaks()
+        self.delays.clear()
         self._injections.clear()
 
     @property
@@ -114,4 +182,8 @@ class BlkDebug:
         bp = self._breakpoints.pop(event, None)
         if bp is not None:
             bp.hit.set()
-            await bp.resumed.wait()
+            try:
+                await bp.resumed.wait()
+            finally:   # resumed, or the request was cancelled while suspended
+                if self._by_tag.get(bp.tag) is bp:
+                    del self._by_tag[bp.tag]

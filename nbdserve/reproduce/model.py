@@ -60,7 +60,7 @@ class DiskModel:
             last = (off + length) // cs * cs
             if last > first:
                 self.data[first:last] = bytes(last - first)
-        elif op in ("aio_flush", "flush", "sleep"):
+        elif op in ("aio_flush", "flush", "sleep", "break", "wait_break", "resume", "remove_break"):
             pass
         else:
             raise ValueError(f"the model does not know qemu-io command {op!r}")

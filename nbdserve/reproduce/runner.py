@@ -15,9 +15,11 @@ from ..config import ExportConfig, ServerConfig
 from ..qcow2.create import create_image
 from ..server import run_server
 from .model import DiskModel, differing_ranges, pattern_checks
+from .piped import run_script
 from .scenarios import Scenario
 
 EXPORT = "top"
+PATTERN_FAILED = "Pattern verification failed"     # qemu-io's read -P on a mismatch
 
 
 @dataclass
@@ -31,6 +33,7 @@ class RunResult:
     checks: list[dict]                       # {"command", "ok"}
     qemu_img_check: dict                     # qemu-img check --output=json, plus "exit"
     delays: dict[str, float] = field(default_factory=dict)
+    breakpoints: dict[str, bool] = field(default_factory=dict)   # script's tag -> a request stopped there
     workdir: str | None = None
 
     def to_json(self) -> str:
@@ -70,15 +73,17 @@ async def run_scenario(scenario: Scenario, allocator: str, *, keep: bool = False
     try:
         top, base_content = await make_image_pair(workdir, scenario)
         model = DiskModel(base_content, scenario.cluster_size)
-        for command in scenario.setup + tuple(c for inv in scenario.invocations for c in inv):
+        for command in scenario.setup + tuple(c for inv in scenario.invocations for c in inv) + scenario.script:
             model.apply(command)
         expected = bytes(model.data)
         actual_path = os.path.join(workdir, "actual.raw")
         config = ServerConfig(exports=[ExportConfig(name=EXPORT, image=top, format="qcow2",
                                                     allocator=allocator, delays=dict(scenario.delays))],
-                              bind="127.0.0.1", port=0)
+                              bind="127.0.0.1", port=0,
+                              control=os.path.join(workdir, "control.sock") if scenario.script else None)
         shutdown = trio.Event()
         check_results = []
+        hit: dict[str, bool] = {}
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(lambda task_status: run_server(config, task_status=task_status,
                                                                         shutdown=shutdown))
@@ -88,10 +93,18 @@ async def run_scenario(scenario: Scenario, allocator: str, *, keep: bool = False
                 await qemu_io(uri, scenario.setup)
             for invocation in scenario.invocations:
                 await qemu_io(uri, invocation)
-            for check in pattern_checks(list(scenario.checks)):
-                r = await _run(["qemu-io", "-f", "raw", "-c", check.command, uri], check=False)
-                check_results.append({"command": check.command,
-                                      "ok": b"Pattern verification failed" not in r.stdout})
+            checks = pattern_checks(list(scenario.checks))
+            if scenario.script:   # the checks follow in the same qemu-io process
+                run = await run_script(uri, config.control, scenario.script + scenario.checks)
+                printed, hit = dict(run.outputs), run.hit
+                for check in checks:
+                    check_results.append({"command": check.command,
+                                          "ok": not any(PATTERN_FAILED in ln for ln in printed[check.command])})
+            else:
+                for check in checks:
+                    r = await _run(["qemu-io", "-f", "raw", "-c", check.command, uri], check=False)
+                    check_results.append({"command": check.command,
+                                          "ok": PATTERN_FAILED.encode() not in r.stdout})
             await _run(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, actual_path])
             shutdown.set()
         with open(actual_path, "rb") as f:
@@ -105,7 +118,7 @@ async def run_scenario(scenario: Scenario, allocator: str, *, keep: bool = False
             corrupted=bool(bad) or not all(c["ok"] for c in check_results),
             expected_md5=hashlib.md5(expected).hexdigest(), actual_md5=hashlib.md5(actual).hexdigest(),
             bad_ranges=[[o, n] for o, n in bad], checks=check_results, qemu_img_check=verdict,
-            delays=dict(scenario.delays), workdir=workdir if keep else None)
+            delays=dict(scenario.delays), breakpoints=hit, workdir=workdir if keep else None)
     finally:
         if own and not keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -129,10 +142,12 @@ def format_side_by_side(results: list[RunResult]) -> str:
         return " ".join(f"{o:#x}+{n // 1024}K" for o, n in r.bad_ranges[:4]) + (" ..." if len(r.bad_ranges) > 4 else "")
 
     rows = [("allocator", [r.allocator for r in results]),
-            ("corrupted", ["YES" if r.corrupted else "no" for r in results]),
-            ("expected md5", [r.expected_md5 for r in results]),
-            ("actual md5", [r.actual_md5 for r in results]),
-            ("bad ranges", [ranges(r) for r in results])]
+            ("corrupted", ["YES" if r.corrupted else "no" for r in results])]
+    for tag in results[0].breakpoints:
+        rows.append((f"breakpoint {tag}", ["hit" if r.breakpoints.get(tag) else "not reached" for r in results]))
+    rows += [("expected md5", [r.expected_md5 for r in results]),
+             ("actual md5", [r.actual_md5 for r in results]),
+             ("bad ranges", [ranges(r) for r in results])]
     for i, c in enumerate(results[0].checks):
         rows.append((c["command"], ["ok" if r.checks[i]["ok"] else "FAILED" for r in results]))
     rows.append(("qemu-img check", [describe_check(r.qemu_img_check) for r in results]))

@@ -17,6 +17,9 @@ class Scenario:
     setup: tuple[str, ...]              # one qemu-io invocation, before the interesting part (or none)
     invocations: tuple[tuple[str, ...], ...]   # each: one qemu-io process
     checks: tuple[str, ...]             # read -P lines
+    # one qemu-io process reading these from a pipe, then the checks; its blkdebug commands
+    # (break, wait_break, resume) go to the server's control socket (piped.run_script)
+    script: tuple[str, ...] = ()
     delays: dict[str, float] = field(default_factory=dict)
     size: int = 16 << 20
     cluster_size: int = 64 << 10
@@ -41,17 +44,17 @@ SCENARIOS = {
         ),
         Scenario(
             name="race",
-            summary="Kevin Wolf's concurrent reproducer: a write into a COPIED cluster lands "
-                    "between the COW read and the COW write of an allocating write "
-                    "(--delay cow_write=0.5 plays the 2012 memory pressure)",
+            summary="Kevin Wolf's concurrent reproducer, verbatim: a write into a COPIED cluster "
+                    "lands between the COW read and the COW write of an allocating write "
+                    "(break cow_write A through the control socket; no sleeps, no delays)",
             setup=("write -P 0x66 0 320k", "write 320k 128k", "write -P 0x88 448k 128k",
                    "discard 320k 128k", "aio_flush"),
-            # qemu-io's "sleep 100" (ms) puts the second write on the wire while the first
-            # one waits in cow_write, the interleaving Kevin forced with "break cow_write".
-            invocations=(("aio_write -P 0x77 0 480k", "sleep 100", "aio_write -P 0x99 480k 32k",
-                          "aio_flush"),),
+            invocations=(),
+            # the thread, Jan 23 2013: one qemu-io; wait_break also returns when the aio_write
+            # completes without reaching cow_write (the fixed allocator has no tail COW there)
+            script=("break cow_write A", "aio_write -P 0x77 0 480k", "wait_break A",
+                    "write -P 0x99 480k 32k", "resume A", "aio_flush"),
             checks=("read -P 0x77 0 480k", "read -P 0x99 480k 32k", "read -P 0x88 512k 64k"),
-            delays={"cow_write": 0.5},
         ),
     )
 }

@@ -16,6 +16,7 @@ import trio
 from ..config import ServerConfig
 from ..nbd import ExportCatalog, TlsMode
 from .commands import CONNECTION_REFUSALS, Refusals
+from .control import Control, release_breakpoints
 from .exports import Export, open_export
 from .malloc import keep_reply_buffers
 from .session import Session
@@ -35,6 +36,22 @@ def _ensure_logging() -> None:
         base.setLevel(logging.INFO)
 
 
+async def _unix_listener(path: str, mode: int | None = None) -> trio.SocketListener:
+    """Listen on a Unix socket at ``path``; a stale socket there from an earlier run is replaced."""
+    if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
+        os.unlink(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, e.strerror, path) from None
+    if mode is not None:
+        os.chmod(path, mode)
+    sock.listen(128)
+    return trio.SocketListener(sock)
+
+
 async def _open_listeners(config: ServerConfig) -> tuple[list[trio.SocketListener], list]:
     listeners, bound = [], []
     if config.bind is not None:
@@ -42,14 +59,8 @@ async def _open_listeners(config: ServerConfig) -> tuple[list[trio.SocketListene
             listeners.append(listener)
             bound.append(listener.socket.getsockname()[:2])
     if config.unix_socket:
-        path = config.unix_socket
-        if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)   # a stale socket from an earlier run
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await sock.bind(path)
-        sock.listen(128)
-        listeners.append(trio.SocketListener(sock))
-        bound.append(path)
+        listeners.append(await _unix_listener(config.unix_socket))
+        bound.append(config.unix_socket)
     if not listeners:
         raise ValueError("nothing to listen on: no bind address and no unix socket")
     return listeners, bound
@@ -120,25 +131,32 @@ async def run_server(config: ServerConfig, *, task_status=trio.TASK_STATUS_IGNOR
                      exports[export_config.name].info.size, exports[export_config.name].info.flags)
         server = _Server(config, exports)
         listeners, bound = await _open_listeners(config)
+        # the control socket (owner only: it can stop and fail requests); its clients end at shutdown
+        control = [await _unix_listener(config.control, 0o600)] if config.control else []
         async with trio.open_nursery() as outer:
             outer.start_soon(_wait_for_signal, stop)
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:
                     accepting.start_soon(functools.partial(trio.serve_listeners, server.handle, listeners,
                                                             handler_nursery=connections))
+                    if control:
+                        accepting.start_soon(trio.serve_listeners, Control(exports).handle, control)
+                        log.info("control socket %s", config.control)
                     log.info("listening on %s", ", ".join(map(str, bound)))
                     listening = True
                     task_status.started(bound)
                     await stop.wait()
                     accepting.cancel_scope.cancel()
-                for listener in listeners:
+                for listener in listeners + control:
                     await listener.aclose()
+                release_breakpoints(exports)   # suspended requests finish within the grace
                 for session in list(server.sessions):
                     session.stop_reading()
                 connections.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
             outer.cancel_scope.cancel()
-        if config.unix_socket and os.path.exists(config.unix_socket):
-            os.unlink(config.unix_socket)
+        for path in (config.unix_socket, config.control):
+            if path and os.path.exists(path):
+                os.unlink(path)
     finally:
         with trio.CancelScope(shield=True):
             for name, export in exports.items():

@@ -48,16 +48,25 @@ def open_export(config: ExportConfig) -> Export:
     """Open the image (raises ImageError); every connection shares this device."""
     device = open_image(config.image, config.format, read_only=config.read_only,
                         allocator=config.allocator, delays=config.delays)
+    if (config.delays or config.inject_errors) and blkdebug(device) is None:
+        what = "delay" if config.delays else "inject_error"
+        raise ImageError(f"{config.image}: {what} needs a qcow2 image ({RAW_HAS_NO_EVENTS})")
     if config.inject_errors:
         _inject_errors(config, device)
     return Export(config, device, export_info(config.name, device, config.description))
 
 
+RAW_HAS_NO_EVENTS = "a raw file has no blkdebug events"
+
+
+def blkdebug(device: BlockDevice):
+    """The qcow2 engine's events (qcow2/events.py BlkDebug) of a device; None for a raw file."""
+    return getattr(device, "events", None)
+
+
 def _inject_errors(config: ExportConfig, device: BlockDevice) -> None:
     """qemu blkdebug's [inject-error] (qemu-iotests 026): the engine's events fail with an errno."""
-    events = getattr(device, "events", None)
-    if events is None:
-        raise ImageError(f"{config.image}: inject_error needs a qcow2 image (raw has no blkdebug events)")
+    events = blkdebug(device)
     for event, (err, once) in config.inject_errors.items():
         try:
             events.inject_error(event, err, once)
