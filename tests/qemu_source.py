@@ -1,6 +1,6 @@
 """qemu's source tree, of the qemu installed here, fetched at test time from Debian.
 
-    tree = qemu_source_tree()          # e.g. ~/.cache/nbdserve-qemu-source/1:7.2+dfsg-7+deb12u18/qemu
+    tree = qemu_source_tree()          # e.g. ~/.cache/nbdserve-qemu-source/1_7.2+dfsg-7+deb12u18/qemu
     iotests = tree / "tests" / "qemu-iotests"
 
 Debian's source package of the installed qemu-utils (``${source:Version}``) is downloaded
@@ -106,9 +106,11 @@ def _fetch(version: str, dest: Path) -> Path:
 
 def qemu_source_tree(version: str | None = None) -> Path:
     """The unpacked source tree of qemu ``version`` (default: the installed qemu-utils'),
-    fetched on first use into ``~/.cache/nbdserve-qemu-source/VERSION/qemu`` and reused."""
+    fetched on first use into ``~/.cache/nbdserve-qemu-source/VERSION/qemu`` (the epoch's
+    ':' written '_') and reused."""
     version = version or installed_source_version()
-    where = CACHE / version
+    # No ':' (the epoch's) in the path: qemu's check puts the tree in PYTHONPATH, which ':' splits.
+    where = CACHE / version.replace(":", "_")
     tree = where / "qemu"
     done = where / "complete"
     where.mkdir(parents=True, exist_ok=True)
