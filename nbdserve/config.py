@@ -60,6 +60,7 @@ class ExportConfig:
     discard: bool = True            # False: trims succeed doing nothing (qemu-nbd's default)
     cache: str = "writeback"        # CACHE_MODES
     detect_zeroes: str = "off"      # DETECT_ZEROES
+    snapshot: str | None = None     # serve this internal snapshot read-only (qemu-nbd -l: ID_OR_NAME, snapshot.id=/name=)
 
 
 @dataclass

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--read-only", action="store_true", help="export read-only")
     p.add_argument("-s", "--snapshot", action="store_true",
                    help="use a temporary overlay: writes are dropped at exit")
-    p.add_argument("-l", "--load-snapshot", metavar="SNAPSHOT_PARAM", help="load an internal snapshot (read-only)")
+    p.add_argument("-l", "--load-snapshot", metavar="SNAPSHOT_PARAM",
+                   help="serve an internal snapshot read-only: ID_OR_NAME, or snapshot.id=ID,snapshot.name=NAME")
     p.add_argument("-A", "--allocation-depth", action="store_true", help="expose the allocation depth")
     p.add_argument("-f", "--format", help="image format: qcow2 or raw (default: probed)")
     p.add_argument("-n", "--nocache", action="store_true", help="like --cache=none")
@@ -120,8 +121,6 @@ def config_from_args(args: argparse.Namespace):
         raise CliError("--detect-zeroes unmap needs --discard unmap (as in qemu-nbd)", EXIT_USAGE)
     if args.format is not None and args.format not in ("qcow2", "raw"):
         raise CliError(f"-f {args.format}: nbdserve serves qcow2 and raw images only", EXIT_USAGE)
-    if args.load_snapshot is not None:
-        raise CliError("-l/--load-snapshot: internal snapshots are not supported yet", EXIT_USAGE)
     if args.socket is not None and not args.socket.startswith("/"):
         raise CliError("-k: socket path must be absolute", EXIT_USAGE)
     shared = _number("-e", args.shared)
@@ -130,7 +129,8 @@ def config_from_args(args: argparse.Namespace):
         raise CliError(f"-p: port out of range: {args.port}", EXIT_USAGE)
     export = ExportConfig(
         name=args.export_name, image=os.path.abspath(args.file), format=args.format,
-        read_only=args.read_only, description=args.description or "",
+        read_only=args.read_only or args.load_snapshot is not None,   # -l implies -r
+        snapshot=args.load_snapshot, description=args.description or "",
         offset=_number("-o", args.offset), allocation_depth=args.allocation_depth,
         multi_conn=shared != 1,          # nbd/server.c: CAN_MULTI_CONN unless one client at a time
         discard=discard, cache=cache, detect_zeroes=args.detect_zeroes or "off")

@@ -267,3 +267,43 @@ def test_conf_socket_and_service_pair_under_systemd_socket_activate(tmp_path):
         activator.send_signal(signal.SIGTERM)
         _, err = activator.communicate(timeout=30)
     assert activator.returncode == 0, err
+
+
+def snapshot_image(path: Path) -> Path:
+    """Two internal snapshots (qemu-img snapshot -c), then a change and a resize after them."""
+    run("qemu-img", "create", "-q", "-f", "qcow2", path, "16M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 1M", "-c", "write -P 0x12 9M 64k", path)
+    run("qemu-img", "snapshot", "-c", "one", path)
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x22 512k 1M", "-c", "discard 9M 64k", path)
+    run("qemu-img", "snapshot", "-c", "two", path)
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x33 0 64k", path)
+    run("qemu-img", "resize", "-q", "-f", "qcow2", path, "48M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x44 40M 64k", path)
+    return path
+
+
+@pytest.mark.parametrize("spec", ["one", "1", "two", "2", "snapshot.name=one", "snapshot.id=2",
+                                  "snapshot.id=1,snapshot.name=one"])
+def test_load_snapshot_serves_what_qemu_nbd_l_serves(servers, tmp_path, spec):
+    image = snapshot_image(tmp_path / "sn.qcow2")
+    views, infos = {}, {}
+    for server in SERVERS:
+        sock = tmp_path / f"{server}.sock"
+        servers(server, "-t", "-k", sock, "-l", spec, image)
+        uri = f"nbd+unix:///?socket={sock}"
+        views[server] = guest_view(uri, tmp_path / f"{server}.raw")
+        info = nbdinfo_json(uri)
+        infos[server] = {k: info.get(k) for k in COMPARED}
+        maps = run("nbdinfo", "--map", "--json", uri).stdout
+        infos[server]["map"] = json.loads(maps)
+    assert views["nbdserve"] == views["qemu-nbd"]
+    assert infos["nbdserve"] == infos["qemu-nbd"] and infos["nbdserve"]["is_read_only"] is True
+    assert views["nbdserve"] != guest_view(str(image), tmp_path / "active.raw", "qcow2")
+
+
+@pytest.mark.parametrize("server", list(SERVERS))
+@pytest.mark.parametrize("spec", ["three", "snapshot.id=1,snapshot.name=two"])
+def test_load_snapshot_that_is_not_there_fails(tmp_path, server, spec):
+    image = snapshot_image(tmp_path / "sn.qcow2")
+    p = run(SERVERS[server], "--fork", "-k", tmp_path / "s.sock", "-l", spec, image, check=False)
+    assert p.returncode == 1 and "Can't find snapshot" in p.stderr and len(p.stderr.splitlines()) == 1, p

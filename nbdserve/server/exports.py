@@ -51,7 +51,7 @@ class Export:
 def open_export(config: ExportConfig) -> Export:
     """Open the image (raises ImageError); every connection shares this device."""
     device = open_image(config.image, config.format, read_only=config.read_only,
-                        allocator=config.allocator, delays=config.delays)
+                        allocator=config.allocator, delays=config.delays, snapshot=config.snapshot)
     if config.inject_errors:
         _inject_errors(config, device)
     if not config.discard or config.cache != "writeback" or config.detect_zeroes != "off":
