@@ -182,19 +182,21 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-def setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool, *, quiet: bool = False) -> None:
     """Log records go to stderr, one line per event (connect, negotiation, disconnect,
-    errors); -v / verbose = true adds a line per request."""
+    errors); -v / verbose = true adds a line per request; ``quiet``: errors only."""
     import logging
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("nbdserve: %(message)s"))
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
     root = logging.getLogger("nbdserve")
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
 
 
-def run(config: ServerConfig) -> int:
-    """Serve ``config`` until SIGTERM/SIGINT; print one line per URI once listening."""
+def run(config: ServerConfig, *, announce: bool = True, quiet: bool = False,
+        on_listening=None) -> int:
+    """Serve ``config`` until SIGTERM/SIGINT; print one line per URI once listening
+    (``announce``), then call ``on_listening()`` if given; ``quiet``: log errors only."""
     for export in config.exports:
         if not os.path.exists(export.image):
             raise CliError(f"{export.image}: no such file")
@@ -212,14 +214,18 @@ def run(config: ServerConfig) -> int:
         except TlsSetupError as e:
             raise CliError(str(e)) from None
 
-    setup_logging(config.verbose)
+    setup_logging(config.verbose, quiet=quiet)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(run_server, config)
-            for export in config.exports:
-                for uri in export_uris(config, export):
-                    print(f"{PROG}: serving {uri}", flush=True)
+            # Socket-activated, stdout is often the activating client's: nothing goes there.
+            if announce and not config.listen_fds:
+                for export in config.exports:
+                    for uri in export_uris(config, export):
+                        print(f"{PROG}: serving {uri}", flush=True)
+            if on_listening is not None:
+                on_listening()
 
     try:
         trio.run(main)
@@ -255,7 +261,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         except ConfigError as e:
             raise CliError(f"{args.config}: {e}", EXIT_USAGE) from None
         config.verbose = config.verbose or args.verbose
-        return config
+        return activated(config, [])
     if args.image is None:
         raise CliError("serve: give an IMAGE to serve or --config FILE", EXIT_USAGE)
     delays: dict[str, float] = {}
@@ -297,6 +303,24 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if args.port is not None:
         config.port = args.port
     config.tls = tls_from_args(args)
+    return activated(config, [flag for flag, value in (("-k", args.socket), ("-b", args.bind),
+                                                       ("-p", args.port)) if value is not None])
+
+
+def activated(config: ServerConfig, address_flags: list[str]) -> ServerConfig:
+    """With systemd socket activation (LISTEN_PID/LISTEN_FDS), serve on the sockets handed over
+    instead of binding; ``address_flags`` given too are refused, as qemu-nbd refuses them."""
+    from .activation import ActivationError, listen_fds
+    try:
+        fds = listen_fds()
+    except ActivationError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    if not fds:
+        return config
+    if address_flags:
+        raise CliError(f"{', '.join(address_flags)} cannot be used with socket activation "
+                       "(LISTEN_FDS is set)", EXIT_USAGE)
+    config.listen_fds, config.bind, config.unix_socket = fds, None, None
     return config
 
 

@@ -40,6 +40,8 @@ DEFAULT_PORT = 10809
 
 FORMATS = ("qcow2", "raw")
 TLS_MODES = ("require", "on", "off")   # nbdkit --tls=require|on|off
+CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")   # qemu bdrv_parse_cache_mode
+DETECT_ZEROES = ("off", "on", "unmap")   # qemu BlockdevDetectZeroesOptions
 
 
 @dataclass
@@ -53,6 +55,14 @@ class ExportConfig:
     delays: dict[str, float] = field(default_factory=dict)  # blkdebug event -> seconds
     # blkdebug event -> (errno, once): qemu blkdebug's [inject-error] (qemu-iotests 026)
     inject_errors: dict[str, tuple[int, bool]] = field(default_factory=dict)
+    offset: int = 0                 # serve the image from this byte on (qemu-nbd --offset)
+    allocation_depth: bool = True   # offer qemu:allocation-depth (qemu-nbd offers it with -A only)
+    multi_conn: bool | None = None  # NBD_FLAG_CAN_MULTI_CONN; None: when the device allows it
+    # qemu-nbd --discard / --cache / --detect-zeroes, as qemu's block layer applies them
+    discard: bool = True            # False: trims succeed doing nothing (qemu-nbd's default)
+    cache: str = "writeback"        # CACHE_MODES
+    detect_zeroes: str = "off"      # DETECT_ZEROES
+    snapshot: str | None = None     # serve this internal snapshot read-only (qemu-nbd -l: ID_OR_NAME, snapshot.id=/name=)
 
 
 @dataclass
@@ -76,6 +86,9 @@ class ServerConfig:
     max_connections: int = 1000
     tls: TlsConfig | None = None    # None: no TLS (STARTTLS is unsupported)
     control: str | None = None      # the control socket's path (server/control.py), or None
+    listen_fds: tuple[int, ...] = ()  # listening sockets handed over (systemd socket activation)
+    persistent: bool = True         # False: exit once the last client that negotiated leaves (qemu-nbd without -t)
+    queue_when_full: bool = False   # at max_connections: leave new clients waiting (qemu-nbd -e), not refused
 
 
 class ConfigError(ValueError):

@@ -20,17 +20,21 @@ def probe_format(path: str) -> str:
 
 
 def open_image(path: str, fmt: str | None = None, *, read_only: bool = False,
-               allocator: str = "fixed", delays: dict[str, float] | None = None) -> BlockDevice:
+               allocator: str = "fixed", delays: dict[str, float] | None = None,
+               snapshot: str | None = None) -> BlockDevice:
     """Open ``path`` (and its backing chain) as a BlockDevice.
 
     ``allocator`` names the qcow2 AllocationPolicy ("fixed" or "qemu-1.1.2");
     ``delays`` maps blkdebug event names to seconds of sleep (qcow2 only).
+    ``snapshot``: serve that internal snapshot, read-only (qemu-nbd -l syntax, qcow2 only).
     Raises ImageError with a one-line reason for anything unusable.
     """
     if not os.path.exists(path):
         raise ImageError(f"{path}: no such file")
     fmt = fmt or probe_format(path)
     if fmt == "raw":
+        if snapshot is not None:
+            raise ImageError(f"{path}: a raw image has no internal snapshots")
         try:
             return RawFile(path, read_only=read_only)
         except OSError as e:
@@ -38,6 +42,10 @@ def open_image(path: str, fmt: str | None = None, *, read_only: bool = False,
     if fmt == "qcow2":
         from .qcow2 import Qcow2Image, Qcow2Error
         try:
+            if snapshot is not None:
+                from .qcow2.snapshot import snapshot_l1
+                return Qcow2Image.open(path, read_only=True, allocator=allocator, delays=delays,
+                                       snapshot_l1=snapshot_l1(path, snapshot))
             return Qcow2Image.open(path, read_only=read_only, allocator=allocator, delays=delays)
         except Qcow2Error as e:
             raise ImageError(f"{path}: {e}") from None

@@ -74,7 +74,10 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
     # ------------------------------------------------------------------ open
     @classmethod
     def open(cls, path: str, *, read_only: bool = False, allocator: str = "fixed",
-             delays: dict[str, float] | None = None, _seen: tuple[str, ...] = ()) -> "Qcow2Image":
+             delays: dict[str, float] | None = None, snapshot_l1: tuple[int, int] | None = None,
+             _seen: tuple[str, ...] = ()) -> "Qcow2Image":
+        """``snapshot_l1`` (offset, entries): read through that L1 table, an internal
+        snapshot's, instead of the active one (read-only; see nbdserve.qcow2.snapshot)."""
         real = os.path.realpath(path)
         if real in _seen:
             raise Qcow2Error(f"Backing chain loop: {' -> '.join(_seen + (real,))}")
@@ -91,6 +94,8 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
         try:
             header = read_header(fd)
             img = cls(path, fd, header, read_only=read_only, policy=policy, events=events)
+            if snapshot_l1 is not None:
+                img._use_snapshot_l1(*snapshot_l1)
             img._open_backing(_seen + (real,))
             img._start_writing()
             return img
@@ -140,6 +145,16 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
         self._dirty_bit_set = False
         # a read-only image's file does not change while served: its data may go out as FileSlices
         self._file_size = os.fstat(fd).st_size if read_only else 0
+
+    def _use_snapshot_l1(self, offset: int, entries: int) -> None:
+        """qemu: qcow2_snapshot_load_tmp(): switch to a snapshot's L1 table, read-only; the
+        virtual size stays the active one's (clusters past the table read as unallocated)."""
+        if not self.read_only:
+            raise Qcow2Error("An internal snapshot can only be loaded read-only")
+        raw = os.pread(self.fd, entries * 8, offset)
+        if offset % self.cluster_size or len(raw) != entries * 8:   # qcow2_validate_table()
+            raise Qcow2Error(f"Snapshot L1 table at {offset:#x} ({entries} entries) is invalid")
+        self.l1 = decode_table(raw)
 
     def _open_backing(self, seen: tuple[str, ...]) -> None:
         name = self.header.backing_file

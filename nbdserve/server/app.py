@@ -54,6 +54,11 @@ async def _unix_listener(path: str, mode: int | None = None) -> trio.SocketListe
 
 async def _open_listeners(config: ServerConfig) -> tuple[list[trio.SocketListener], list]:
     listeners, bound = [], []
+    for fd in config.listen_fds:   # sd_listen_fds(3): already bound and listening
+        sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))   # family from the fd
+        listeners.append(trio.SocketListener(sock))
+        name = sock.getsockname()
+        bound.append(name[:2] if isinstance(name, tuple) else name)
     if config.bind is not None:
         for listener in await trio.open_tcp_listeners(config.port, host=config.bind or None):
             listeners.append(listener)
@@ -75,20 +80,26 @@ def _peer_name(stream) -> str:
 
 
 class _Server:
-    def __init__(self, config: ServerConfig, exports: dict[str, Export]):
-        self.config, self.exports = config, exports
+    def __init__(self, config: ServerConfig, exports: dict[str, Export], stop: trio.Event):
+        self.config, self.exports, self.stop = config, exports, stop
         self.catalog = ExportCatalog([e.info for e in exports.values()])
         tls = config.tls
         self.tls_mode = TlsMode(tls.mode) if tls is not None else TlsMode.OFF
         self.tls_context = server_context(tls) if self.tls_mode is not TlsMode.OFF else None
         self.sessions: set[Session] = set()
+        self.left = trio.Event()    # set (and replaced) whenever a session ends
 
     async def handle(self, stream) -> None:
         peer = _peer_name(stream)
-        if len(self.sessions) >= self.config.max_connections:
-            log.warning("%s: refused, %d connections open", peer, len(self.sessions))
-            await trio.aclose_forcefully(stream)
-            return
+        while len(self.sessions) >= self.config.max_connections:
+            if not self.config.queue_when_full:
+                log.warning("%s: refused, %d connections open", peer, len(self.sessions))
+                await trio.aclose_forcefully(stream)
+                return
+            await self.left.wait()   # qemu-nbd -e N: the client waits until one leaves
+            if self.stop.is_set():
+                await trio.aclose_forcefully(stream)
+                return
         log.info("%s: connected", peer)
         session = Session(stream, peer, self.exports, self.catalog, self.config.handshake_timeout,
                           self.config.verbose, self.tls_mode, self.tls_context)
@@ -99,8 +110,14 @@ class _Server:
             await session.run()
         finally:
             self.sessions.discard(session)
+            self.left.set()
+            self.left = trio.Event()
             if refusals.count:
                 log.warning("%s: %s", peer, refusals.summary())
+            # qemu-nbd.c nbd_client_closed(): without -t, the last negotiated client's exit ends it
+            if session.negotiated and not self.sessions and not self.config.persistent:
+                log.info("last client left, shutting down (not persistent)")
+                self.stop.set()
 
 
 async def _wait_for_signal(stop: trio.Event) -> None:
@@ -129,7 +146,7 @@ async def run_server(config: ServerConfig, *, task_status=trio.TASK_STATUS_IGNOR
             exports[export_config.name] = open_export(export_config)
             log.debug("export %r: %s (%d bytes, flags %#x)", export_config.name, export_config.image,
                      exports[export_config.name].info.size, exports[export_config.name].info.flags)
-        server = _Server(config, exports)
+        server = _Server(config, exports, stop)
         listeners, bound = await _open_listeners(config)
         # the control socket (owner only: it can stop and fail requests); its clients end at shutdown
         control = [await _unix_listener(config.control, 0o600)] if config.control else []
@@ -150,6 +167,7 @@ async def run_server(config: ServerConfig, *, task_status=trio.TASK_STATUS_IGNOR
                 for listener in listeners + control:
                     await listener.aclose()
                 release_breakpoints(exports)   # suspended requests finish within the grace
+                server.left.set()   # clients waiting for a free slot give up
                 for session in list(server.sessions):
                     session.stop_reading()
                 connections.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE

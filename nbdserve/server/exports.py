@@ -9,12 +9,14 @@ from ..blockdev import BlockDevice
 from ..config import ExportConfig
 from ..images import ImageError, open_image
 from ..nbd import ExportInfo, TransmissionFlag as TF
-from ..nbd.constants import Errno
+from ..nbd.constants import CONTEXT_QEMU_ALLOCATION_DEPTH, Errno
 from ..nbd.exports import ALL_CONTEXTS
 
 
-def export_info(name: str, device: BlockDevice, description: str = "") -> ExportInfo:
-    """The transmission flags and contexts an export advertises, from the device's can_*."""
+def export_info(name: str, device: BlockDevice, description: str = "", *,
+                allocation_depth: bool = True, multi_conn: bool | None = None) -> ExportInfo:
+    """The transmission flags and contexts an export advertises, from the device's can_*
+    (``multi_conn`` overrides can_multi_conn; ``allocation_depth`` False: base:allocation only)."""
     flags = TF.HAS_FLAGS | TF.SEND_DF
     writable = device.can_write()
     if not writable:
@@ -31,9 +33,11 @@ def export_info(name: str, device: BlockDevice, description: str = "") -> Export
             flags |= TF.SEND_FAST_ZERO
     if device.can_cache():
         flags |= TF.SEND_CACHE
-    if device.can_multi_conn():
+    if device.can_multi_conn() if multi_conn is None else multi_conn:
         flags |= TF.CAN_MULTI_CONN
     contexts = ALL_CONTEXTS if device.can_extents() else ()
+    if not allocation_depth:
+        contexts = tuple(c for c in contexts if c != CONTEXT_QEMU_ALLOCATION_DEPTH)
     return ExportInfo(name=name, size=device.size, flags=flags, description=description, meta_contexts=contexts)
 
 
@@ -47,13 +51,26 @@ class Export:
 def open_export(config: ExportConfig) -> Export:
     """Open the image (raises ImageError); every connection shares this device."""
     device = open_image(config.image, config.format, read_only=config.read_only,
-                        allocator=config.allocator, delays=config.delays)
+                        allocator=config.allocator, delays=config.delays, snapshot=config.snapshot)
     if (config.delays or config.inject_errors) and blkdebug(device) is None:
         what = "delay" if config.delays else "inject_error"
         raise ImageError(f"{config.image}: {what} needs a qcow2 image ({RAW_HAS_NO_EVENTS})")
     if config.inject_errors:
         _inject_errors(config, device)
-    return Export(config, device, export_info(config.name, device, config.description))
+    if not config.discard or config.cache != "writeback" or config.detect_zeroes != "off":
+        from ..blockdev.qemu_options import QemuBlockOptions
+        device = QemuBlockOptions(device, discard=config.discard,
+                                  writethrough=config.cache in ("writethrough", "directsync"),
+                                  no_flush=config.cache == "unsafe", detect_zeroes=config.detect_zeroes)
+    if config.offset:
+        from ..blockdev.offset import OffsetDevice
+        try:
+            device = OffsetDevice(device, config.offset)
+        except OSError as e:
+            raise ImageError(f"{config.image}: {e.strerror}") from None
+    return Export(config, device, export_info(config.name, device, config.description,
+                                              allocation_depth=config.allocation_depth,
+                                              multi_conn=config.multi_conn))
 
 
 RAW_HAS_NO_EVENTS = "a raw file has no blkdebug events"

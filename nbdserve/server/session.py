@@ -34,6 +34,7 @@ class Session:
         self.exports, self.catalog = exports, catalog
         self.handshake_timeout, self.verbose = handshake_timeout, verbose
         self._stopping = False
+        self.negotiated = False            # the handshake chose an export
         self._lost = False                 # "connection lost" logged (once per connection)
         self._reading: trio.CancelScope | None = None   # cancelled to stop taking requests
 
@@ -54,6 +55,7 @@ class Session:
         try:
             negotiated, conn = await self._handshake()
             if negotiated is not None:
+                self.negotiated = True
                 await self._transmission(conn, negotiated)
         except ProtocolError as e:
             log.warning("%s: protocol error: %s", self.peer, e)
