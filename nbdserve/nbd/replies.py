@@ -20,10 +20,6 @@ class ReplyEncoder:
         self.structured = structured
         self._in_flight: dict[int, list[tuple[int, int]]] = {}   # cookie -> [(command, length)]
 
-    @property
-    def in_flight(self) -> int:
-        return sum(len(v) for v in self._in_flight.values())
-
     def expect(self, cookie: int, command: int, length: int) -> None:
         self._in_flight.setdefault(cookie, []).append((command, length))
 

@@ -171,10 +171,6 @@ def read_snapshot_table(fd: int, h: Qcow2Header) -> tuple[list[SnapshotInfo], in
     return snaps, pos - h.snapshots_offset
 
 
-class _Rebuild(Exception):
-    pass
-
-
 def _decode_refblock(raw: bytes, bits: int) -> array:
     """A refcount block as array('Q'), whatever its entry width.
 

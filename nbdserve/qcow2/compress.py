@@ -25,9 +25,3 @@ def decompress_cluster(data: bytes, cluster_size: int, compression_type: int) ->
         raise OSError(errno.EIO, f"compressed cluster inflates to {len(out)} bytes, not {cluster_size}")
     return out
 
-
-def compress_cluster(data: bytes, compression_type: int) -> bytes:
-    if compression_type == fmt.COMPRESSION_DEFLATE:
-        c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12)
-        return c.compress(data) + c.flush()
-    return zstandard.ZstdCompressor().compress(data)

@@ -19,9 +19,6 @@ class CoMutex:
     def locked(self) -> bool:
         return self._lock.locked()
 
-    def statistics(self):
-        return self._lock.statistics()
-
     def try_acquire(self) -> bool:
         """Take the lock if it is free (True), without a checkpoint."""
         try:

@@ -147,9 +147,6 @@ class BlkDebug:
         check_event(event)
         self._injections[event] = _Injection(err, once)
 
-    def clear_errors(self) -> None:
-        self._injections.clear()
-
     def remove_breaks(self) -> None:
         """Every breakpoint goes; the requests suspended at them go on."""
         for tag in list(self._by_tag):
