@@ -136,9 +136,10 @@ def parse_create_options(texts: list[str]) -> dict[str, object]:
 
 # -- URIs ---------------------------------------------------------------------------------------
 
-def export_uris(config: ServerConfig, export: ExportConfig) -> list[str]:
+def export_uris(config: ServerConfig, export: ExportConfig, port: int | None = None) -> list[str]:
     """The URIs a client uses to reach ``export``: nbd:// for TCP, nbd+unix:// for the socket
-    (nbds://, nbds+unix:// when TLS is required, as libnbd spells them)."""
+    (nbds://, nbds+unix:// when TLS is required, as libnbd spells them).  ``port``: the port
+    bound, where config.port is 0 (any free port)."""
     import ipaddress
     from urllib.parse import quote
     name = quote(export.name, safe="")
@@ -153,7 +154,7 @@ def export_uris(config: ServerConfig, export: ExportConfig) -> list[str]:
                 host = f"[{host}]"
         except ValueError:
             pass  # a host name
-        uris.append(f"{scheme}://{host}:{config.port}/{name}")
+        uris.append(f"{scheme}://{host}:{port or config.port}/{name}")
     if config.unix_socket is not None:
         uris.append(f"{scheme}+unix:///{name}?socket={quote(config.unix_socket, safe='/')}")
     return uris
@@ -218,11 +219,12 @@ def run(config: ServerConfig, *, announce: bool = True, quiet: bool = False,
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(run_server, config)
+            bound = await nursery.start(run_server, config)
+            port = next((b[1] for b in bound if isinstance(b, tuple)), None)
             # Socket-activated, stdout is often the activating client's: nothing goes there.
             if announce and not config.listen_fds:
                 for export in config.exports:
-                    for uri in export_uris(config, export):
+                    for uri in export_uris(config, export, port):
                         print(f"{PROG}: serving {uri}", flush=True)
             if on_listening is not None:
                 on_listening()
@@ -279,8 +281,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         inject_errors = check_inject_errors("--inject-error", injections)
     except (ValueError, ConfigError) as e:
         raise CliError(f"serve: {e}", EXIT_USAGE) from None
-    if args.port is not None and not 1 <= args.port <= 65535:
-        raise CliError(f"serve: -p: port out of range: expected 1 to 65535, got {args.port}", EXIT_USAGE)
+    if args.port is not None and not 0 <= args.port <= 65535:   # 0: any free port, printed once bound
+        raise CliError(f"serve: -p: port out of range: expected 0 to 65535, got {args.port}", EXIT_USAGE)
     export = ExportConfig(
         name=args.export_name if args.export_name is not None else "",
         image=os.path.abspath(args.image),

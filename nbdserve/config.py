@@ -317,7 +317,7 @@ def parse_config(data: dict[str, Any], base_dir: str) -> ServerConfig:
     if "bind" in server:
         config.bind = check_str("server.bind", server["bind"], nonempty=True)
     if "port" in server:
-        config.port = check_int("server.port", server["port"], 1, 65535)
+        config.port = check_int("server.port", server["port"], 0, 65535)   # 0: any free port
     if "verbose" in server:
         config.verbose = check_bool("server.verbose", server["verbose"])
     if "handshake_timeout" in server:

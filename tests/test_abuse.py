@@ -20,7 +20,6 @@ from collections import defaultdict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-import pytest
 import trio
 
 from nbdserve.config import ExportConfig

@@ -313,7 +313,6 @@ def qemu_img_info(path) -> dict:
 
 
 def test_create_qcow2_options(tmp_path):
-    pytest.importorskip("nbdserve.qcow2.create")
     path = tmp_path / "new.qcow2"
     proc = run_cli("create", "-f", "qcow2", "-o", "cluster_size=4k,compat=1.1",
                    "-o", "refcount_bits=8,lazy_refcounts=on", path, "16M")
@@ -327,7 +326,6 @@ def test_create_qcow2_options(tmp_path):
 
 
 def test_create_qcow2_extended_l2_zstd(tmp_path):
-    pytest.importorskip("nbdserve.qcow2.create")
     path = tmp_path / "x.qcow2"
     proc = run_cli("create", "-f", "qcow2", "-o", "extended_l2=on,compression_type=zstd", path, "1G")
     assert proc.returncode == 0, proc.stderr
@@ -337,7 +335,6 @@ def test_create_qcow2_extended_l2_zstd(tmp_path):
 
 
 def test_create_qcow2_refused_by_engine(tmp_path):
-    pytest.importorskip("nbdserve.qcow2.create")
     # qcow2 v2 (compat=0.10) has no refcount widths other than 16 bits
     proc = run_cli("create", "-f", "qcow2", "-o", "compat=0.10,refcount_bits=8", tmp_path / "x.qcow2", "1M")
     assert proc.returncode == 1
@@ -345,7 +342,6 @@ def test_create_qcow2_refused_by_engine(tmp_path):
 
 
 def test_create_qcow2_backing_size_from_backing(tmp_path):
-    pytest.importorskip("nbdserve.qcow2.create")
     (tmp_path / "base.raw").write_bytes(bytes(3 << 20))
     proc = run_cli("create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", tmp_path / "top.qcow2")
     assert proc.returncode == 0, proc.stderr
@@ -362,7 +358,6 @@ def test_check_loads_only_what_it_runs(tmp_path):
     """``nbdserve check`` parses its flags without what the other commands need (the config
     module and tomllib, logging, Trio, the server, the reproduce scenarios): at start-up they
     would cost more than the check of a 4 GiB image."""
-    pytest.importorskip("nbdserve.qcow2.create")
     path = tmp_path / "a.qcow2"
     assert run_cli("create", "-f", "qcow2", path, "64M").returncode == 0
     code = ("import sys\n"
@@ -377,3 +372,14 @@ def test_check_loads_only_what_it_runs(tmp_path):
     unwanted = ("nbdserve.config", "tomllib", "logging", "trio", "nbdserve.server", "nbdserve.reproduce")
     loaded = proc.stderr.split()
     assert [m for m in loaded if m in unwanted or m.startswith(tuple(u + "." for u in unwanted))] == []
+
+
+def test_serve_port_zero_binds_a_free_port_and_names_it(nbdserve, tmp_path):
+    """-p 0: the kernel picks the port; the serving line gives the port actually bound."""
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(bytes(1 << 20))
+    proc = nbdserve("serve", "-f", "raw", "-x", "d", "-p", "0", str(disk))
+    port = int(proc.uri.split(":")[2].split("/")[0])
+    assert port != 0
+    out = subprocess.run(["nbdinfo", "--size", proc.uri], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(1 << 20)

@@ -37,9 +37,7 @@ import trio.testing
 from conftest import NbdserveProcess, free_port, import_libnbd
 from nbdserve.qcow2 import Qcow2Image
 from nbdserve.qcow2.events import ASYNC_EVENTS, EVENTS
-from qemu_tools import check, check_no_corruption, convert_raw, create, needs_qemu, qemu_io
-
-pytestmark = needs_qemu
+from qemu_tools import check, check_no_corruption, convert_raw, create, qemu_io
 
 BLOCK = 4096
 ZERO_BLOCK = bytes(BLOCK)

@@ -17,8 +17,6 @@ import pytest
 from nbdserve.cli_image import add_subcommands
 from nbdserve.qcow2.inspect import format_info_human, format_map_human, format_map_json, image_info, image_map
 
-pytestmark = pytest.mark.skipif(not (shutil.which("qemu-img") and shutil.which("qemu-io")),
-                                reason="needs qemu-img and qemu-io")
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:

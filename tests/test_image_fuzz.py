@@ -44,9 +44,9 @@ from nbdserve.images import ImageError, open_image
 from nbdserve.qcow2.check import check_image
 from nbdserve.qcow2.errors import Qcow2Error
 from nbdserve.qcow2.inspect import image_info, image_map
-from qemu_tools import QEMU_IMG, QEMU_IO, create, info, needs_qemu, qemu_img, qemu_io, run
+from qemu_tools import QEMU_IMG, QEMU_IO, create, info, qemu_img, qemu_io, run
 
-pytestmark = [needs_qemu, pytest.mark.slow]
+pytestmark = [pytest.mark.slow]
 
 EXAMPLES = int(os.environ.get("NBDSERVE_FUZZ_EXAMPLES", "1000"))
 FUZZ_SEED = int(os.environ.get("NBDSERVE_FUZZ_SEED", "0"))

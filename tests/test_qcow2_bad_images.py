@@ -16,9 +16,7 @@ import pytest
 from nbdserve.qcow2 import Qcow2Error, Qcow2Image
 
 from conftest import free_port, nbdserve_command
-from qemu_tools import create, info, needs_qemu, qemu_img, qemu_io
-
-pytestmark = needs_qemu
+from qemu_tools import create, info, qemu_img, qemu_io
 
 # qcow2.txt header offsets
 VERSION, CLUSTER_BITS, SIZE = 4, 20, 24

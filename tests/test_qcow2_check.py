@@ -18,8 +18,6 @@ from nbdserve.qcow2 import format as fmt
 from nbdserve.qcow2.check import check_image
 from nbdserve.qcow2.header import read_header
 
-pytestmark = pytest.mark.skipif(not (shutil.which("qemu-img") and shutil.which("qemu-io")),
-                                reason="needs qemu-img and qemu-io")
 
 
 def run(*cmd: str) -> subprocess.CompletedProcess:

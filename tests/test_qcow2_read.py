@@ -10,10 +10,8 @@ import pytest
 
 from nbdserve.qcow2 import Qcow2Error, Qcow2Image
 
-from qemu_tools import (convert_raw, create, needs_qemu, pattern, qemu_img, qemu_io, qemu_map, read_all,
+from qemu_tools import (convert_raw, create, pattern, qemu_img, qemu_io, qemu_map, read_all,
                         shape_ids)
-
-pytestmark = needs_qemu
 
 K, M = 1024, 1024 * 1024
 

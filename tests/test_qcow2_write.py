@@ -14,10 +14,8 @@ import trio
 from nbdserve.qcow2 import Qcow2Image
 
 from conftest import import_libnbd
-from qemu_tools import (RawReference, check, compare, convert_raw, create, info, needs_qemu, pattern,
+from qemu_tools import (RawReference, check, compare, convert_raw, create, info, pattern,
                         qemu_img, qemu_io, qemu_map, read_all, shape_ids)
-
-pytestmark = needs_qemu
 
 K, M = 1024, 1024 * 1024
 

@@ -14,7 +14,7 @@ import struct
 
 import pytest
 
-from qemu_tools import create, qemu_img, qemu_io, qemu_map, run
+from qemu_tools import create, qemu_io, qemu_map, run
 
 K = 1024
 M = 1024 * K

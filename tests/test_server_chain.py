@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 
-import pytest
 
 from nbdserve.config import ExportConfig
 from nbdhelpers import free_port, run, start_server
 
-pytestmark = pytest.mark.skipif(shutil.which("nbdinfo") is None, reason="libnbd-bin not installed")
 
 
 async def qemu_io(path: str, *commands: str, fmt: str = "qcow2") -> None:

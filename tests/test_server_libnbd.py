@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 
 import pytest
+
+from conftest import import_libnbd
 import trio
 
 from nbdserve.config import ExportConfig
 from nbdhelpers import MiB, file_bytes, libnbd_handle, make_raw, run, start_server
 
-nbd = pytest.importorskip("nbd")
+nbd = import_libnbd()
 
 SIZE = 64 * MiB
 DATA = os.urandom(MiB)          # at 8 MiB; the rest of the disk is a hole

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 
-import pytest
 import trio
 
 from nbdserve.config import ExportConfig
@@ -53,15 +52,6 @@ async def test_sigterm_finishes_and_returns(tmp_path):
     del h
 
 
-def _qcow2_engine_available() -> bool:
-    try:
-        from nbdserve.qcow2 import Qcow2Image  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _qcow2_engine_available(), reason="nbdserve.qcow2.Qcow2Image not available yet")
 async def test_qcow2_export_reads_like_qemu(tmp_path, nursery):
     raw = make_raw(tmp_path / "src.raw", 16 * MiB, {MiB: b"\x5a" * 65536, 9 * MiB: b"qcow2!" * 100})
     image = str(tmp_path / "img.qcow2")

@@ -8,6 +8,8 @@ import random
 import socket
 
 import pytest
+
+from conftest import import_libnbd
 import trio
 
 from nbdserve.blockdev import FILE_SLICE_MIN, FileSlice, RawFile
@@ -16,7 +18,7 @@ from nbdserve.qcow2 import Qcow2Image
 from nbdserve.server.sender import ReplySender
 from nbdhelpers import MiB, make_raw, run, start_server
 
-nbd = pytest.importorskip("nbd")
+nbd = import_libnbd()
 
 SIZE = 48 * MiB
 

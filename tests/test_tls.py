@@ -24,11 +24,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import nbdserve_command
+from conftest import nbdserve_command, import_libnbd
 from nbdhelpers import MiB, file_bytes, make_raw, run, same_files, start_server
 from nbdserve.config import ExportConfig, TlsConfig
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
 SIZE = 64 * MiB
 DATA = os.urandom(4 * MiB)      # at 8 MiB; the rest of the disk is a hole
@@ -195,7 +194,7 @@ async def test_nbdcopy_over_tls_with_many_large_requests(pki, tmp_path, nursery)
 
 
 async def test_libnbd_commands_over_tls(pki, tmp_path, nursery):
-    nbd = pytest.importorskip("nbd")
+    nbd = import_libnbd()
     server = await serve(nursery, tmp_path, pki.tls())
     written = os.urandom(MiB + 512)
 
