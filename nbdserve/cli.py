@@ -216,6 +216,8 @@ def run(config: ServerConfig, *, announce: bool = True, quiet: bool = False,
             raise CliError(str(e)) from None
 
     setup_logging(config.verbose, quiet=quiet)
+    from .server.malloc import keep_reply_buffers
+    keep_reply_buffers()   # process-wide: the command's, not run_server's (a library call's)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

@@ -18,7 +18,6 @@ from ..nbd import ExportCatalog, TlsMode
 from .commands import CONNECTION_REFUSALS, Refusals
 from .control import Control, release_breakpoints
 from .exports import Export, open_export
-from .malloc import keep_reply_buffers
 from .session import Session
 from .tls import server_context
 
@@ -137,7 +136,6 @@ async def run_server(config: ServerConfig, *, task_status=trio.TASK_STATUS_IGNOR
     Reports the bound (host, port) pairs / unix socket paths via task_status.
     Raises ImageError if an export cannot be opened, TlsSetupError if the TLS files are unusable."""
     _ensure_logging()
-    keep_reply_buffers()
     stop = shutdown if shutdown is not None else trio.Event()
     exports: dict[str, Export] = {}
     listening = False
