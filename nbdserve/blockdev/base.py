@@ -80,7 +80,21 @@ def check_range(size: int, offset: int, length: int) -> None:
 
 
 class BlockDevice(abc.ABC):
-    """A byte-addressed device of ``size`` bytes.  Every I/O method is async."""
+    """A byte-addressed device of ``size`` bytes.  Every I/O method is async.
+
+    The contract a layer follows:
+
+    - must: ``size``, ``read_only`` and ``pread``;
+    - may: ``read_sparse`` (zero runs as ``ReadChunk(data=None)``), ``pwrite``, ``trim``,
+      ``zero``, ``flush``, ``cache``, ``extents`` and ``close``, each with the ``can_*``
+      that announces it (the NBD transmission flags come from ``can_*`` only); every
+      range is checked with :func:`check_range`; failures are ``OSError`` with an errno;
+    - may, as pure optimisations the transport uses when offered (the results must be
+      exactly those of the async methods): ``read_sparse_now`` / ``pwrite_now``, answering
+      at once or saying "not now" (None / False), never waiting, never changing metadata;
+      and ``FileSlice`` data in ``read_sparse_now(file_slices=True)``, only for bytes of a
+      file that cannot change while served (a read-only layer).
+    """
 
     size: int
     read_only: bool = False
