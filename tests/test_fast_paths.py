@@ -1,0 +1,118 @@
+"""Every fast path against a plain twin, fed the same inputs (hypothesis).
+
+The fast paths avoid Python loops (strided byte slices, one big-integer comparison, a few
+integer tests per request); each twin here says the same thing the slow, obvious way.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from hypothesis import given, settings, strategies as st
+
+from nbdserve.nbd.constants import Command, TransmissionFlag as TF
+from nbdserve.nbd.exports import ExportInfo
+from nbdserve.nbd.requests import RequestChecker, check_request
+from nbdserve.qcow2 import format as fmt
+from nbdserve.qcow2.check import _Checker, _decode_refblock
+from qemu_tools import create
+
+# ------------------------------------------------------------------ refcount blocks
+
+
+def decode_refblock_plain(raw: bytes, bits: int) -> list[int]:
+    """qcow2.txt "Refcount block entries": big-endian entries of ``bits``; below 8 bits, packed
+    from the least significant bit of each byte."""
+    if bits >= 8:
+        w = bits // 8
+        return [int.from_bytes(raw[i:i + w], "big") for i in range(0, len(raw), w)]
+    per = 8 // bits
+    return [(raw[i // per] >> (i % per * bits)) & ((1 << bits) - 1) for i in range(len(raw) * per)]
+
+
+@settings(max_examples=300)
+@given(bits=st.sampled_from([1, 2, 4, 8, 16, 32, 64]), raw=st.binary(min_size=0, max_size=512))
+def test_decode_refblock(bits, raw):
+    raw = raw[:len(raw) - len(raw) % max(1, bits // 8)]
+    assert list(_decode_refblock(raw, bits)) == decode_refblock_plain(raw, bits)
+
+
+# ---------------------------------------------------- sequential L2 tables (check)
+
+def contiguous_run_plain(raw: bytes, cs: int, file_len: int) -> tuple[int, int]:
+    """_Checker._contiguous_run's contract, entry by entry."""
+    entries = [e for (e,) in struct.iter_unpack(">Q", raw)]
+    m = max((i + 1 for i, e in enumerate(entries) if e), default=0)
+    if m == 0:
+        return 0, 0
+    first = entries[0]
+    flags, off = first & ~fmt.L2E_OFFSET_MASK, first & fmt.L2E_OFFSET_MASK
+    if flags not in (0, fmt.QCOW_OFLAG_COPIED) or not off or off % cs or off + (m - 1) * cs >= file_len:
+        return 0, -1
+    if any(entries[i] != first + i * cs for i in range(m)):
+        return 0, -1
+    return first, m
+
+
+_checkers: dict[int, _Checker] = {}
+
+
+def checker(tmp_path_factory, cs: int) -> _Checker:
+    if cs not in _checkers:
+        path = create(tmp_path_factory.mktemp("fast") / f"c{cs}.qcow2", "64M", cluster_size=cs)
+        _checkers[cs] = _Checker(path, writable=False)
+    return _checkers[cs]
+
+
+def l2_tables(cs: int):
+    """Tables near the fast path's edge: sequential runs, with one entry bent, or flags."""
+    n = cs // 8
+
+    @st.composite
+    def table(draw):
+        m = draw(st.integers(0, n))
+        first = draw(st.sampled_from([cs, 2 * cs, 3 * cs + 512, 0])) | draw(st.sampled_from(
+            [0, fmt.QCOW_OFLAG_COPIED, fmt.QCOW_OFLAG_ZERO, fmt.QCOW_OFLAG_COMPRESSED]))
+        entries = [first + i * cs for i in range(m)] + [0] * (n - m)
+        for _ in range(draw(st.integers(0, 2))):
+            if m:
+                entries[draw(st.integers(0, n - 1))] = draw(st.sampled_from([0, 1, cs, first + cs, 1 << 62]))
+        return struct.pack(f">{n}Q", *entries)
+    return table()
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), cs=st.sampled_from([512, 4096]))
+def test_contiguous_run(tmp_path_factory, data, cs):
+    c = checker(tmp_path_factory, cs)
+    raw = data.draw(l2_tables(cs))
+    real = c.file_len
+    entries = [e for (e,) in struct.iter_unpack(">Q", raw)]
+    m = max((i + 1 for i, e in enumerate(entries) if e), default=1)
+    last = (entries[0] & fmt.L2E_OFFSET_MASK) + (m - 1) * cs      # the run's last cluster
+    # the file ending before, at and after the run's last cluster, or far past it
+    c.file_len = data.draw(st.sampled_from([real, 1 << 40, last, last + 1, last + cs]))
+    try:
+        assert c._contiguous_run(raw) == contiguous_run_plain(raw, cs, c.file_len)
+    finally:
+        c.file_len = real
+
+
+# ------------------------------------------------------------- NBD request checks
+
+EXPORTS = [ExportInfo("a", 1 << 20, TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_FUA | TF.SEND_TRIM | TF.SEND_WRITE_ZEROES
+                      | TF.SEND_DF | TF.SEND_FAST_ZERO),
+           ExportInfo("r", 65536, TF.HAS_FLAGS | TF.READ_ONLY | TF.SEND_FLUSH, min_block=512, max_block=32768),
+           ExportInfo("b", 3 << 20, TF.HAS_FLAGS, min_block=4096, max_block=1 << 20)]
+
+
+@settings(max_examples=2000)
+@given(export=st.sampled_from(EXPORTS), contexts=st.booleans(),
+       command=st.sampled_from([int(c) for c in Command] + [9, 77]),
+       cmd_flags=st.integers(0, 0xFFFF),
+       offset=st.one_of(st.integers(0, 4 << 20), st.sampled_from([0, 512, 4096, 65536 - 512])),
+       length=st.one_of(st.integers(0, 2 << 20), st.sampled_from([0, 512, 4096, 32768, 1 << 20])))
+def test_request_checker(export, contexts, command, cmd_flags, offset, length):
+    fast = RequestChecker(export, int(export.flags), contexts)
+    assert fast(command, cmd_flags, offset, length) == check_request(
+        export, int(export.flags), contexts, command, cmd_flags, offset, length)
