@@ -54,6 +54,17 @@ if [ "$client" = nbd-client ]; then
 else
   dev=/dev/vda
 fi
+case "$(cat /proc/cmdline)" in *nbdserve.root=partition*)
+  # a Debian system on the disk's first partition: boot it, its /sbin/init is the harness
+  case $dev in /dev/nbd*) dev=${dev}p1;; *) dev=${dev}1;; esac
+  i=0
+  while [ ! -b $dev ] && [ $i -lt 50 ]; do sleep 0.2; i=$((i+1)); done
+  mkdir -p /root
+  mount -t ext4 -o rw $dev /root || { echo "@@ERROR mount $dev failed"; finish; }
+  umount /proc /sys
+  mount -o move /dev /root/dev
+  exec switch_root /root /sbin/init
+esac
 i=0
 while [ ! -b $dev ] && [ $i -lt 50 ]; do sleep 0.2; i=$((i+1)); done
 mount -t ext4 $dev /mnt || { echo "@@ERROR mount $dev failed"; finish; }
