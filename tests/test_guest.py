@@ -53,7 +53,7 @@ def test_debian_fixed_allocator_dpkg_finds_nothing(client, tmp_path):
     assert not r.errors, r.errors
     assert r.userland == "debian"
     assert r.partition_start_sector == spec.partition_start_sector == 63
-    assert r.packages_installed == installed_at_end(spec), log[-3000:]
+    assert sorted(r.packages_installed) == sorted(installed_at_end(spec)), log[-3000:]
     assert r.files_checked > 3000            # dpkg --verify: every file of every package
     assert log.count("@@ARCHIVE ") >= 2 * len(spec.packages)   # after each download, and at the end
     assert r.dpkg_messages == [] and r.files_corrupted == 0, r.dpkg_messages

@@ -56,11 +56,17 @@ else
 fi
 case "$(cat /proc/cmdline)" in *nbdserve.root=partition*)
   # a Debian system on the disk's first partition: boot it, its /sbin/init is the harness
-  case $dev in /dev/nbd*) dev=${dev}p1;; *) dev=${dev}1;; esac
-  i=0
-  while [ ! -b $dev ] && [ $i -lt 50 ]; do sleep 0.2; i=$((i+1)); done
+  disk=$dev
+  case $disk in /dev/nbd*) dev=${disk}p1;; *) dev=${disk}1;; esac
+  # (the kernel's NBD driver does not read the partition table of a device attached over
+  # netlink until asked: BLKRRPART; the mount is retried while the partition appears)
+  [ "$client" = nbd-client ] && blockdev --rereadpt $disk
   mkdir -p /root
-  mount -t ext4 -o rw $dev /root || { echo "@@ERROR mount $dev failed"; finish; }
+  i=0
+  until mount -t ext4 -o rw $dev /root 2>/dev/null; do
+    i=$((i+1)); [ $i -lt 50 ] || { echo "@@ERROR mount $dev failed"; finish; }
+    sleep 0.2
+  done
   umount /proc /sys
   mount -o move /dev /root/dev
   exec switch_root /root /sbin/init
