@@ -53,11 +53,14 @@ import trio
 from ..config import ExportConfig, ServerConfig
 from ..qcow2.create import create_image
 from ..server import run_server
+from . import debian
 from .initramfs import build_initramfs, kernel_image
 from .workload import WorkloadSpec, build_base_image
 
 EXPORT = "top"
 CLIENTS = ("virtio", "nbd-client")
+WORKLOADS = ("debian", "synthetic")
+GUEST_RAM_MIB = {"debian": 192, "synthetic": 768}
 GUEST_NBD_ADDR = "10.0.2.100"
 GUEST_NBD_PORT = 10809
 DEFAULT_DELAYS = {"cow_write": 0.02}
@@ -82,12 +85,17 @@ class GuestResult:
     errors: list[str] = field(default_factory=list)   # @@ERROR lines, timeouts
     phases: list[str] = field(default_factory=list)
     delays: dict[str, float] = field(default_factory=dict)
+    userland: str = "busybox"             # "debian": the Debian guest's own dpkg ran
+    partition_start_sector: int | None = None   # None: the file system is the whole disk
+    packages_installed: list[str] = field(default_factory=list)
+    dpkg_messages: list[str] = field(default_factory=list)   # dpkg's errors and --verify mismatches
+    archives_damaged: list[str] = field(default_factory=list)  # SHA256 differs from the Packages index
     console_log: str | None = None
     workdir: str | None = None
 
     @property
     def corrupted(self) -> bool:
-        return self.files_corrupted > 0
+        return self.files_corrupted > 0 or bool(self.archives_damaged) or bool(self.dpkg_messages)
 
     @property
     def check_clean(self) -> bool:
@@ -102,8 +110,8 @@ class GuestResult:
         return json.dumps(self.to_dict())
 
 
-def missing_requirements() -> str | None:
-    """Why the guest harness cannot run on this machine, or None."""
+def missing_requirements(workload: str = "synthetic") -> str | None:
+    """Why the guest harness cannot run ``workload`` on this machine, or None."""
     if kernel_image() is None:
         return "no /boot/vmlinuz-* with its modules (install linux-image-amd64: scripts/guest-deps)"
     if shutil.which("qemu-system-x86_64") is None:
@@ -111,14 +119,21 @@ def missing_requirements() -> str | None:
     for tool in ("busybox", "nbd-client", "dpkg-deb", "mkfs.ext4", "qemu-img"):
         if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
             return f"{tool} not found (scripts/guest-deps installs it)"
+    if workload == "debian" and not debian.base_cached():
+        for tool in ("debootstrap", "apt-get"):
+            if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
+                return f"{tool} not found (scripts/guest-deps installs it; it builds the Debian base image once)"
     return None
 
 
-def qemu_argv(vmlinuz: str, initrd: str, client: str, port: int, console: str) -> list[str]:
-    argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", "768", "-smp", "1",
+def qemu_argv(vmlinuz: str, initrd: str, client: str, port: int, console: str,
+              workload: str = "synthetic") -> list[str]:
+    append = f"console=ttyS0 quiet panic=-1 nbdserve.client={client}"
+    if workload == "debian":
+        append += " nbdserve.root=partition"
+    argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", str(GUEST_RAM_MIB[workload]), "-smp", "1",
             "-display", "none", "-monitor", "none", "-serial", f"file:{console}", "-no-reboot",
-            "-kernel", vmlinuz, "-initrd", initrd,
-            "-append", f"console=ttyS0 quiet panic=-1 nbdserve.client={client}"]
+            "-kernel", vmlinuz, "-initrd", initrd, "-append", append]
     if client == "virtio":
         argv += ["-net", "none",
                  "-drive", f"file=nbd://127.0.0.1:{port}/{EXPORT},format=raw,if=virtio,cache=none,"
@@ -171,18 +186,27 @@ async def _qemu_img_check(path: str) -> dict:
 
 async def run_guest_once(allocator: str, client: str = "virtio", *, run: int = 1, workdir: str,
                          delays: dict[str, float] | None = None, spec: WorkloadSpec | None = None,
+                         workload: str = "debian", debian_spec: debian.DebianSpec | None = None,
                          timeout: float = BOOT_TIMEOUT) -> GuestResult:
     """One boot in ``workdir`` (which must exist and be empty)."""
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, not {workload!r}")
     delays = dict(DEFAULT_DELAYS if delays is None else delays)
     vmlinuz = kernel_image()
     if vmlinuz is None or shutil.which("qemu-system-x86_64") is None:
-        raise GuestUnavailable(missing_requirements() or "guest requirements missing")
+        raise GuestUnavailable(missing_requirements(workload) or "guest requirements missing")
     initrd = await trio.to_thread.run_sync(build_initramfs, vmlinuz)
-    start = time.monotonic()
-    base, _plan = await trio.to_thread.run_sync(build_base_image, workdir, spec or WorkloadSpec())
     top = os.path.join(workdir, "top.qcow2")
-    create_image(top, (spec or WorkloadSpec()).fs_size, cluster_size=64 << 10,
-                 backing="base.qcow2", backing_format="qcow2")
+    if workload == "debian":
+        base = await trio.to_thread.run_sync(debian.build_base, debian_spec)
+        start = time.monotonic()
+        size = (debian_spec or debian.DebianSpec()).disk_size
+        backing = base["path"]
+    else:
+        start = time.monotonic()
+        await trio.to_thread.run_sync(build_base_image, workdir, spec or WorkloadSpec())
+        size, backing = (spec or WorkloadSpec()).fs_size, "base.qcow2"
+    create_image(top, size, cluster_size=64 << 10, backing=backing, backing_format="qcow2")
     console = os.path.join(workdir, "console.log")
     config = ServerConfig(exports=[ExportConfig(name=EXPORT, image=top, format="qcow2",
                                                 allocator=allocator, delays=delays)],
@@ -193,7 +217,7 @@ async def run_guest_once(allocator: str, client: str = "virtio", *, run: int = 1
         bound = await nursery.start(lambda task_status: run_server(config, task_status=task_status,
                                                                     shutdown=shutdown))
         port = bound[0][1]
-        argv = qemu_argv(vmlinuz, initrd, client, port, console)
+        argv = qemu_argv(vmlinuz, initrd, client, port, console, workload)
         with open(os.path.join(workdir, "qemu.cmdline"), "w") as f:
             f.write(" ".join(argv) + "\n")
         with trio.move_on_after(timeout) as scope:
@@ -205,18 +229,26 @@ async def run_guest_once(allocator: str, client: str = "virtio", *, run: int = 1
         shutdown.set()
     seconds = time.monotonic() - start
     text = open(console, errors="replace").read() if os.path.exists(console) else ""
-    parsed = parse_console(text)
-    errors += parsed["errors"]
     verdict = await _qemu_img_check(top)
-    return GuestResult(run=run, allocator=allocator, client=client, files_checked=parsed["files"],
-                       files_corrupted=len(parsed["corrupted"]), corrupted_files=parsed["corrupted"],
-                       qemu_img_check=verdict, seconds=round(seconds, 1),
-                       completed=parsed["summary"] is not None, errors=errors, phases=parsed["phases"],
-                       delays=delays, console_log=console, workdir=workdir)
+    common = dict(run=run, allocator=allocator, client=client, qemu_img_check=verdict,
+                  seconds=round(seconds, 1), delays=delays, console_log=console, workdir=workdir)
+    if workload == "debian":
+        parsed = debian.parse_console(text)
+        return GuestResult(files_checked=parsed["files"], files_corrupted=len(parsed["corrupted"]),
+                           corrupted_files=parsed["corrupted"], completed=parsed["completed"],
+                           errors=errors + parsed["errors"], phases=parsed["phases"], userland="debian",
+                           partition_start_sector=parsed["partition_start_sector"],
+                           packages_installed=parsed["installed"], dpkg_messages=parsed["dpkg_messages"],
+                           archives_damaged=parsed["archives_damaged"], **common)
+    parsed = parse_console(text)
+    return GuestResult(files_checked=parsed["files"], files_corrupted=len(parsed["corrupted"]),
+                       corrupted_files=parsed["corrupted"], completed=parsed["summary"] is not None,
+                       errors=errors + parsed["errors"], phases=parsed["phases"], **common)
 
 
 async def run_guest(allocator: str, client: str = "virtio", runs: int = 1, keep: bool = False, *,
                     delays: dict[str, float] | None = None, spec: WorkloadSpec | None = None,
+                    workload: str = "debian", debian_spec: debian.DebianSpec | None = None,
                     workdir: str | None = None, timeout: float = BOOT_TIMEOUT) -> list[GuestResult]:
     """``runs`` guest boots with ``allocator``; each gets its own work dir under ``workdir``
     (default: a new temporary folder).  Without ``keep`` the images are deleted afterwards but
@@ -230,7 +262,7 @@ async def run_guest(allocator: str, client: str = "virtio", runs: int = 1, keep:
         wd = os.path.join(root, f"run{i}")
         os.makedirs(wd)
         result = await run_guest_once(allocator, client, run=i, workdir=wd, delays=delays, spec=spec,
-                                      timeout=timeout)
+                                      workload=workload, debian_spec=debian_spec, timeout=timeout)
         if not keep:
             for name in ("top.qcow2", "base.qcow2"):
                 try:
@@ -249,18 +281,30 @@ def describe_check(verdict: dict) -> str:
     return ", ".join(parts) or f"exit {verdict.get('exit')}"
 
 
-def format_guest_results(results: list[GuestResult], *, max_files: int = 6) -> str:
-    """A line per run, the corrupted files under it, and a total per allocator/client."""
+def format_guest_results(results: list[GuestResult], *, max_files: int = 6, max_messages: int = 12) -> str:
+    """A line per run, the corrupted files (and for the Debian guest, damaged archives and
+    dpkg's own words) under it, and a total per allocator/client."""
     lines = []
     for r in results:
         state = "CORRUPTED" if r.corrupted else ("ok" if r.completed else "INCOMPLETE")
-        lines.append(f"run {r.run} allocator={r.allocator} client={r.client}: {state}; "
-                     f"{r.files_checked} files checked, {r.files_corrupted} corrupted; "
+        where = (f"debian, partition at sector {r.partition_start_sector}, "
+                 f"{len(r.packages_installed)} packages installed at the end; " if r.userland == "debian" else "")
+        archives = f"{len(r.archives_damaged)} archives damaged; " if r.userland == "debian" else ""
+        lines.append(f"run {r.run} allocator={r.allocator} client={r.client}: {state}; {where}"
+                     f"{r.files_checked} files checked, {r.files_corrupted} corrupted; {archives}"
                      f"qemu-img check: {describe_check(r.qemu_img_check)}; {r.seconds:.0f} s")
+        for name in r.archives_damaged[:max_files]:
+            lines.append(f"    SHA256 mismatch /var/cache/apt/archives/{name}")
+        if len(r.archives_damaged) > max_files:
+            lines.append(f"    ... and {len(r.archives_damaged) - max_files} more archives")
         for name in r.corrupted_files[:max_files]:
             lines.append(f"    FAILED {name}")
         if len(r.corrupted_files) > max_files:
             lines.append(f"    ... and {len(r.corrupted_files) - max_files} more")
+        for message in r.dpkg_messages[:max_messages]:
+            lines.append(f"    dpkg said: {message}")
+        if len(r.dpkg_messages) > max_messages:
+            lines.append(f"    ... and {len(r.dpkg_messages) - max_messages} more lines from dpkg")
         for e in r.errors:
             lines.append(f"    error: {e}")
         lines.append(f"    console log: {r.console_log}" + (f"; images kept in {r.workdir}" if r.workdir else ""))

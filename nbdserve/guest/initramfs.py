@@ -54,6 +54,23 @@ if [ "$client" = nbd-client ]; then
 else
   dev=/dev/vda
 fi
+case "$(cat /proc/cmdline)" in *nbdserve.root=partition*)
+  # a Debian system on the disk's first partition: boot it, its /sbin/init is the harness
+  disk=$dev
+  case $disk in /dev/nbd*) dev=${disk}p1;; *) dev=${disk}1;; esac
+  # (the kernel's NBD driver does not read the partition table of a device attached over
+  # netlink until asked: BLKRRPART; the mount is retried while the partition appears)
+  [ "$client" = nbd-client ] && blockdev --rereadpt $disk
+  mkdir -p /root
+  i=0
+  until mount -t ext4 -o rw $dev /root 2>/dev/null; do
+    i=$((i+1)); [ $i -lt 50 ] || { echo "@@ERROR mount $dev failed"; finish; }
+    sleep 0.2
+  done
+  umount /proc /sys
+  mount -o move /dev /root/dev
+  exec switch_root /root /sbin/init
+esac
 i=0
 while [ ! -b $dev ] && [ $i -lt 50 ]; do sleep 0.2; i=$((i+1)); done
 mount -t ext4 $dev /mnt || { echo "@@ERROR mount $dev failed"; finish; }

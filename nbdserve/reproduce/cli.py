@@ -1,8 +1,9 @@
 """``nbdserve reproduce SCENARIO [--allocator NAME] [--json] [--keep]``.
 
 SCENARIO is one of the qemu-io scenarios (iotest-047, race), ``guest`` (a Linux guest
-running dpkg on the served overlay, see nbdserve/guest), or ``all``: every qemu-io
-scenario, then the guest through each client path.
+running dpkg on the served overlay, see nbdserve/guest: a real Debian 12 by default,
+``--workload synthetic`` for the busybox one), or ``all``: every qemu-io scenario, then the
+guest through each client path.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .scenarios import SCENARIOS
 GUEST_CLIENTS = ("virtio", "nbd-client")
 # the A/B of Philipp's bisect: qemu 1.1.2, and qemu 1.1.2 with only b7ab0fea applied
 DEFAULT_PAIR = ("qemu-1.1.2", "qemu-1.1.2+b7ab0fea")
+GUEST_WORKLOADS = ("debian", "synthetic")
 
 
 def add_arguments(r: argparse.ArgumentParser) -> None:
@@ -32,6 +34,10 @@ def add_arguments(r: argparse.ArgumentParser) -> None:
                    help="guest: qemu -drive nbd: (virtio) or the kernel's nbd-client "
                         "(default: virtio for guest, both for all)")
     r.add_argument("--runs", type=int, default=1, metavar="N", help="guest: boots per allocator and client")
+    r.add_argument("--workload", choices=GUEST_WORKLOADS, default="debian",
+                   help="guest: a debootstrapped Debian 12 installing real packages with its own dpkg "
+                        "(debian, the default) or the fast busybox initramfs unpacking generated "
+                        "packages (synthetic)")
     r.set_defaults(func=cmd_reproduce)
 
 
@@ -51,7 +57,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     missing = None
     if with_guest:
         from ..guest import missing_requirements
-        missing = missing_requirements()
+        missing = missing_requirements(args.workload)
         if missing and args.scenario == "guest":
             raise SystemExit(f"nbdserve: error: reproduce guest: {missing}")
 
@@ -75,7 +81,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         from ..guest import format_guest_results, run_guest
         for client in clients:
             for allocator in allocators:
-                results = await run_guest(allocator, client, args.runs, args.keep)
+                results = await run_guest(allocator, client, args.runs, args.keep, workload=args.workload)
                 if args.json:
                     for r in results:
                         print(r.to_json(), flush=True)
