@@ -3,7 +3,8 @@
 qemu-nbd (--tls-creds) and nbdkit (--tls-certificates) use GnuTLS; this is Python's
 ssl (OpenSSL) through trio.SSLStream.  proto.md: "TLS versions": 1.2 at least.
 With a CA, the client must present a certificate that CA signed (like qemu's
-tls-creds-x509 verify-peer=on, nbdkit --tls-verify-peer).
+tls-creds-x509 verify-peer=on, nbdkit --tls-verify-peer); with an identity too, its
+subject must be that distinguished name (qemu's --tls-authz with authz-simple).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import ssl
 import trio
 
 from ..config import TlsConfig
+from .x509_name import DerError, subject_dn
 
 
 class TlsSetupError(ValueError):
@@ -36,12 +38,18 @@ def _readable(path: str) -> None:
         raise TlsSetupError(f"{path}: {e.strerror}") from None
 
 
-def server_context(tls: TlsConfig) -> ssl.SSLContext:
+class ServerContext(ssl.SSLContext):
+    """An SSLContext and the one client identity it lets in (None: any the CA signed)."""
+
+    allowed_identity: str | None = None
+
+
+def server_context(tls: TlsConfig) -> ServerContext:
     """The SSLContext for ``tls``; TlsSetupError names the file at fault."""
     for path in (tls.cert, tls.key, tls.ca):
         if path is not None:
             _readable(path)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = ServerContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_RENEGOTIATION
     try:   # parse the certificate alone first, so that a failure names the right file
@@ -61,6 +69,7 @@ def server_context(tls: TlsConfig) -> ssl.SSLContext:
         except ssl.SSLError:
             raise TlsSetupError(f"{tls.ca}: no PEM CA certificate in it") from None
         context.verify_mode = ssl.CERT_REQUIRED
+        context.allowed_identity = tls.identity
     return context
 
 
@@ -122,4 +131,12 @@ async def start_tls(stream: trio.abc.Stream, context: ssl.SSLContext) -> TlsStre
         await ssl_stream.do_handshake()
     except trio.BrokenResourceError as e:
         raise TlsHandshakeError(_failure(e.__cause__)) from e
+    allowed = getattr(context, "allowed_identity", None)
+    if allowed is not None:   # qemu's qcrypto_tls_session_check_certificate, with authz-simple
+        try:
+            identity = subject_dn(ssl_stream.getpeercert(binary_form=True))
+        except DerError as e:
+            raise TlsHandshakeError(f"cannot get client distinguished name: {e}") from None
+        if identity != allowed:
+            raise TlsHandshakeError(f"TLS x509 authz check for {identity} is denied")
     return TlsStream(ssl_stream)
