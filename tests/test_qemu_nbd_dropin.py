@@ -419,6 +419,7 @@ def test_tls_authz_lets_in_the_identity_qemu_nbd_names(servers, pki, tmp_path, n
     client = pki.subjects[name]
     identity = denied_identity(pki, client, tmp_path)
     image = make_image(tmp_path / "a.qcow2")
+    refusals = {}
     for server in SERVERS:
         allowed, denied = free_port(), free_port()
         servers(server, "-t", "-r", *tcp_args(allowed), *x509(pki.server), *authz(identity), "-f", "qcow2", image)
@@ -432,6 +433,8 @@ def test_tls_authz_lets_in_the_identity_qemu_nbd_names(servers, pki, tmp_path, n
         assert "Pattern verification failed" not in out
         p = run("qemu-img", "info", *qemu_tls_image(denied, client), check=False)
         assert p.returncode != 0, server
+        refusals[server] = p.stderr.replace(str(denied), "PORT")
+    assert refusals["nbdserve"] == refusals["qemu-nbd"]     # closed after the handshake, as qemu-nbd does
 
 
 # qemu-nbd refuses these too (exit 1)

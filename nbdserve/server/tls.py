@@ -18,6 +18,9 @@ from ..config import TlsConfig
 from .x509_name import DerError, subject_dn
 
 
+RECEIVE_SIZE = 64 * 1024
+
+
 class TlsSetupError(ValueError):
     """A certificate, key or CA file is unusable; the message names the file."""
 
@@ -124,6 +127,18 @@ class TlsStream(trio.abc.Stream):
         return text
 
 
+async def _hang_up(stream: trio.abc.HalfCloseableStream) -> None:
+    """Half-close the connection and read what the client still sends until it closes
+    (at most CLOSE_NOTIFY_SECONDS): it gets an EOF, not a reset, as from qemu-nbd."""
+    with trio.move_on_after(TlsStream.CLOSE_NOTIFY_SECONDS):
+        try:
+            await stream.send_eof()
+            while await stream.receive_some(RECEIVE_SIZE):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
 async def start_tls(stream: trio.abc.Stream, context: ssl.SSLContext) -> TlsStream:
     """Run the server side of the TLS handshake on ``stream``; return the TLS stream."""
     ssl_stream = trio.SSLStream(stream, context, server_side=True)
@@ -138,5 +153,6 @@ async def start_tls(stream: trio.abc.Stream, context: ssl.SSLContext) -> TlsStre
         except DerError as e:
             raise TlsHandshakeError(f"cannot get client distinguished name: {e}") from None
         if identity != allowed:
+            await _hang_up(stream)
             raise TlsHandshakeError(f"TLS x509 authz check for {identity} is denied")
     return TlsStream(ssl_stream)
