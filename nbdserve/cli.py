@@ -255,7 +255,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             ("-r", args.read_only or None), ("-f", args.format), ("--allocator", args.allocator),
             ("--delay", args.delay or None), ("--inject-error", args.inject_error or None),
             ("--description", args.description), ("--control", args.control), ("--tls", args.tls),
-            ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--tls-ca", args.tls_ca))
+            ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--tls-ca", args.tls_ca),
+            ("--tls-authz-identity", args.tls_authz_identity))
             if value is not None]
         if given:
             raise CliError(f"serve: {', '.join(given)} cannot be combined with --config "
@@ -329,8 +330,12 @@ def activated(config: ServerConfig, address_flags: list[str]) -> ServerConfig:
 
 
 def tls_from_args(args: argparse.Namespace) -> TlsConfig | None:
-    """--tls-cert/--tls-key[/--tls-ca] [--tls require|on|off]: TLS is required unless --tls says otherwise."""
+    """--tls-cert/--tls-key[/--tls-ca [--tls-authz-identity DN]] [--tls require|on|off]: TLS is
+    required unless --tls says otherwise."""
     from .config import TlsConfig
+    if args.tls_authz_identity is not None and args.tls_ca is None:
+        raise CliError("serve: --tls-authz-identity needs --tls-ca (only a verified client certificate "
+                       "has an identity)", EXIT_USAGE)
     if args.tls_cert is None and args.tls_key is None:
         if args.tls_ca is not None:
             raise CliError("serve: --tls-ca needs --tls-cert and --tls-key", EXIT_USAGE)
@@ -341,7 +346,7 @@ def tls_from_args(args: argparse.Namespace) -> TlsConfig | None:
         raise CliError("serve: --tls-cert and --tls-key go together", EXIT_USAGE)
     return TlsConfig(cert=os.path.abspath(args.tls_cert), key=os.path.abspath(args.tls_key),
                      ca=os.path.abspath(args.tls_ca) if args.tls_ca is not None else None,
-                     mode=args.tls or "require")
+                     identity=args.tls_authz_identity or None, mode=args.tls or "require")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -519,6 +524,9 @@ def _serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--tls-key", metavar="FILE", help="TLS: the certificate's private key (PEM)")
     s.add_argument("--tls-ca", metavar="FILE",
                    help="TLS: accept only clients with a certificate this CA (PEM) signed")
+    s.add_argument("--tls-authz-identity", metavar="DN",
+                   help="TLS: ... and only the one whose subject is DN, as GnuTLS writes it "
+                        "(C=..,O=..,CN=..; qemu's authz-simple identity)")
     s.add_argument("--tls", choices=TLS_MODES,
                    help="require (default with --tls-cert): plain clients refused; on: TLS offered; off")
     s.set_defaults(func=cmd_serve)

@@ -11,6 +11,7 @@ The TOML file (see ``conf/nbdserve.example.toml``)::
     handshake_timeout = 10.0
     max_connections = 1000
     tls = { cert = "server-cert.pem", key = "server-key.pem", ca = "ca-cert.pem", mode = "require" }
+    # tls identity = "C=GB,O=Org,CN=client": only the client certificate with this subject (needs ca)
 
     [[export]]
     name = "disk"
@@ -72,6 +73,7 @@ class TlsConfig:
     cert: str                       # the server's certificate (chain)
     key: str                        # its private key, unencrypted
     ca: str | None = None           # set: clients must present a certificate this CA signed
+    identity: str | None = None     # set (needs ca): ... whose subject is this DN (server/x509_name.py)
     mode: str = "require"           # "require": plain clients refused; "on": TLS offered; "off"
 
 
@@ -238,7 +240,7 @@ def _refuse_unknown(key: str, table: dict[str, Any], known: tuple[str, ...]) -> 
 # -- the TOML file ------------------------------------------------------------------------------
 
 SERVER_KEYS = ("bind", "port", "socket", "control", "verbose", "handshake_timeout", "max_connections", "tls")
-TLS_KEYS = ("cert", "key", "ca", "mode")
+TLS_KEYS = ("cert", "key", "ca", "identity", "mode")
 EXPORT_KEYS = ("name", "image", "format", "read_only", "description", "allocator", "delay", "inject_error")
 
 
@@ -284,6 +286,10 @@ def _parse_tls(table: Any, base: str) -> TlsConfig:
     tls = TlsConfig(cert=paths["cert"], key=paths["key"])
     if "ca" in table:
         tls.ca = _resolve(base, check_str(f"{key}.ca", table["ca"], nonempty=True))
+    if "identity" in table:
+        tls.identity = check_str(f"{key}.identity", table["identity"], nonempty=True)
+        if tls.ca is None:
+            raise ConfigError(f"{key}.identity", "needs ca (only a verified client certificate has an identity)")
     if "mode" in table:
         tls.mode = check_choice(f"{key}.mode", table["mode"], TLS_MODES)
     return tls

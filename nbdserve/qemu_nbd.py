@@ -26,11 +26,7 @@ REFUSED = {
     "disconnect": ("-d/--disconnect", "the kernel NBD device is not supported (use nbd-client -d)"),
     "list": ("-L/--list", "list mode (a client) is not supported (use nbdinfo --list)"),
     "bitmap": ("-B/--bitmap", "nbdserve has no dirty bitmaps"),
-    "object": ("--object", "QOM objects are not supported"),
-    "tls_creds": ("--tls-creds", "not supported (use nbdserve serve --tls-cert/--tls-key)"),
-    "tls_authz": ("--tls-authz", "not supported"),
     "tls_hostname": ("--tls-hostname", "not supported (list mode only in qemu-nbd)"),
-    "image_opts": ("--image-opts", "not supported (give FILE and -f)"),
     "trace": ("-T/--trace", "qemu trace events are not supported"),
     "selinux_label": ("--selinux-label", "not supported"),
 }
@@ -78,11 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--disconnect", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-L", "--list", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-B", "--bitmap", action="append", help=argparse.SUPPRESS)
-    p.add_argument("--object", action="append", help=argparse.SUPPRESS)
-    p.add_argument("--tls-creds", help=argparse.SUPPRESS)
-    p.add_argument("--tls-authz", help=argparse.SUPPRESS)
+    p.add_argument("--object", action="append", default=[], metavar="TYPE,id=ID,...",
+                   help="tls-creds-x509,id=ID,dir=DIR,endpoint=server[,verify-peer=on|off] or "
+                        "authz-simple,id=ID,identity=DN")
+    p.add_argument("--tls-creds", metavar="ID", help="require TLS with the tls-creds-x509 object ID")
+    p.add_argument("--tls-authz", metavar="ID", help="let in only the client the authz-simple object ID names")
     p.add_argument("--tls-hostname", help=argparse.SUPPRESS)
-    p.add_argument("--image-opts", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--image-opts", action="store_true",
+                   help="FILE is driver=qcow2|raw,file.filename=PATH or driver=file,filename=PATH")
     p.add_argument("-T", "--trace", action="append", help=argparse.SUPPRESS)
     p.add_argument("--selinux-label", help=argparse.SUPPRESS)
     p.add_argument("file", nargs="?", metavar="FILE")
@@ -100,14 +99,34 @@ def _number(flag: str, text: str, low: int = 0) -> int:
     return value
 
 
+def _objects(texts: list[str]) -> dict:
+    """--object, in order (qemu-nbd.c: user_creatable_process_cmdline): id -> object."""
+    from .qemu_opts import parse_object
+    objects = {}
+    for text in texts:
+        obj = parse_object(text)
+        if obj.id in objects:
+            raise CliError(f"--object: duplicate id '{obj.id}'", EXIT_USAGE)
+        objects[obj.id] = obj
+    return objects
+
+
 def config_from_args(args: argparse.Namespace):
     from .config import DEFAULT_PORT, ExportConfig, ServerConfig
+    from .qemu_opts import image_from_opts, tls_config
 
     for dest, (flag, why) in REFUSED.items():
         if getattr(args, dest):
             raise CliError(f"{flag}: {why}", EXIT_USAGE)
+    objects = _objects(args.object)
+    tls = tls_config(objects, args.tls_creds, args.tls_authz)
     if args.file is None:
         raise CliError("expected one FILE to serve", EXIT_USAGE)
+    image, fmt = args.file, args.format
+    if args.image_opts:
+        if args.format is not None:
+            raise CliError("--image-opts and -f are mutually exclusive", EXIT_USAGE)
+        image, fmt = image_from_opts(args.file)
     if args.nocache and args.cache is not None:
         raise CliError("-n and --cache can only be specified once", EXIT_USAGE)
     cache = "none" if args.nocache else args.cache or "writeback"
@@ -119,7 +138,7 @@ def config_from_args(args: argparse.Namespace):
     discard = DISCARD_MODES[args.discard or "ignore"]
     if args.detect_zeroes == "unmap" and not discard:
         raise CliError("--detect-zeroes unmap needs --discard unmap (as in qemu-nbd)", EXIT_USAGE)
-    if args.format is not None and args.format not in ("qcow2", "raw"):
+    if fmt is not None and fmt not in ("qcow2", "raw"):
         raise CliError(f"-f {args.format}: nbdserve serves qcow2 and raw images only", EXIT_USAGE)
     if args.socket is not None and not args.socket.startswith("/"):
         raise CliError("-k: socket path must be absolute", EXIT_USAGE)
@@ -128,7 +147,7 @@ def config_from_args(args: argparse.Namespace):
     if port > 65535:
         raise CliError(f"-p: port out of range: {args.port}", EXIT_USAGE)
     export = ExportConfig(
-        name=args.export_name, image=os.path.abspath(args.file), format=args.format,
+        name=args.export_name, image=os.path.abspath(image), format=fmt,
         read_only=args.read_only or args.load_snapshot is not None,   # -l implies -r
         snapshot=args.load_snapshot, description=args.description or "",
         offset=_number("-o", args.offset), allocation_depth=args.allocation_depth,
@@ -136,7 +155,7 @@ def config_from_args(args: argparse.Namespace):
         discard=discard, cache=cache, detect_zeroes=args.detect_zeroes or "off")
     config = ServerConfig(exports=[export], bind=args.bind or "0.0.0.0", port=port,
                           verbose=False, persistent=args.persistent,
-                          max_connections=shared or 1 << 30, queue_when_full=True)
+                          max_connections=shared or 1 << 30, queue_when_full=True, tls=tls)
     if args.socket is not None:          # nbd_build_socket_address: the socket wins over -b/-p
         config.unix_socket, config.bind = args.socket, None
     given = [flag for flag, value in (("-k", args.socket), ("-b", args.bind), ("-p", args.port))

@@ -104,6 +104,19 @@ def test_tls_table(tmp_path):
                                               ca=str(tmp_path / "pki" / "ca-cert.pem"), mode="on")
 
 
+def test_tls_identity(tmp_path):
+    path = write(tmp_path, """
+        [server.tls]
+        cert = "c.pem"
+        key = "k.pem"
+        ca = "ca.pem"
+        identity = 'C=GB,O=Org\\, Inc.,CN=client'
+        [[export]]
+        image = "a.raw"
+        """)
+    assert load_config(path).tls.identity == "C=GB,O=Org\\, Inc.,CN=client"
+
+
 def test_tls_subtable_defaults_to_required_without_client_verification(tmp_path):
     path = write(tmp_path, """
         [server.tls]
@@ -175,6 +188,10 @@ REFUSALS = [
     ('[server]\ntls = { cert = "c.pem", key = 1 }\n' + GOOD_EXPORT, "server.tls.key", "expected a string"),
     ('[server]\ntls = { cert = "c.pem", key = "k.pem", ca = false }\n' + GOOD_EXPORT, "server.tls.ca",
      "expected a string"),
+    ('[server]\ntls = { cert = "c.pem", key = "k.pem", identity = "CN=x" }\n' + GOOD_EXPORT, "server.tls.identity",
+     "needs ca"),
+    ('[server]\ntls = { cert = "c.pem", key = "k.pem", ca = "ca.pem", identity = "" }\n' + GOOD_EXPORT,
+     "server.tls.identity", "must not be empty"),
     ('[server]\ntls = { cert = "c.pem", key = "k.pem", mode = "forced" }\n' + GOOD_EXPORT, "server.tls.mode",
      'expected "require" or "on" or "off", got "forced"'),
     ('[server]\ntls = { cert = "c.pem", key = "k.pem", verify = true }\n' + GOOD_EXPORT, "server.tls.verify",

@@ -1,6 +1,7 @@
 """nbdserve-qemu-nbd against Debian's qemu-nbd: the same command line must give the same
 behaviour (lifetime, --fork, export flags and contexts, --offset, -s, --discard,
---detect-zeroes), and what it cannot do is refused by name.  Every expectation is what
+--detect-zeroes, -l, TLS with --object tls-creds-x509/authz-simple, --image-opts), and
+what it cannot do is refused by name.  Every expectation is what
 qemu-nbd itself does in the same run."""
 
 from __future__ import annotations
@@ -199,8 +200,8 @@ def test_cache_modes_serve_the_same_data(servers, tmp_path, cache):
 
 @pytest.mark.parametrize("flags, named", [
     (["-c", "/dev/nbd0"], "-c/--connect"), (["-d"], "-d/--disconnect"), (["-L"], "-L/--list"),
-    (["-B", "b0"], "-B/--bitmap"), (["--image-opts"], "--image-opts"), (["--tls-creds", "t0"], "--tls-creds"),
-    (["--object", "secret,id=s0,data=x"], "--object"), (["--aio", "native"], "--aio native"),
+    (["-B", "b0"], "-B/--bitmap"), (["--tls-hostname", "h"], "--tls-hostname"),
+    (["--aio", "native"], "--aio native"),
     (["--aio", "io_uring"], "--aio io_uring"), (["-f", "vmdk"], "-f vmdk"), (["-k", "rel.sock"], "-k"),
     (["--detect-zeroes", "unmap"], "--detect-zeroes unmap"), (["-n", "--cache", "none"], "-n and --cache"),
     (["-T", "nbd_*"], "-T/--trace"),
@@ -307,3 +308,215 @@ def test_load_snapshot_that_is_not_there_fails(tmp_path, server, spec):
     image = snapshot_image(tmp_path / "sn.qcow2")
     p = run(SERVERS[server], "--fork", "-k", tmp_path / "s.sock", "-l", spec, image, check=False)
     assert p.returncode == 1 and "Can't find snapshot" in p.stderr and len(p.stderr.splitlines()) == 1, p
+
+
+# -- TLS: --object tls-creds-x509 / authz-simple, --tls-creds, --tls-authz ---------------------------
+
+# Client certificate subjects (openssl -subj, -multivalue-rdn) whose distinguished names
+# qemu-nbd prints when it denies them; nbdserve must let in exactly that identity.
+SUBJECTS = {
+    "plain": "/C=GB/ST=London/L=R'lyeh/O=Cthulhu Dark Lord Enterprises/CN=localhost",
+    "escapes": '/DC=org/DC=example/O=Org, Inc./OU=a\\+b;c<d>"e\\\\f/CN= lead#x trail /emailAddress=a@b.c',
+    "multi-valued": "/O=Example/CN=client+UID=42/title=#1",
+    "utf-8": "/C=DE/O=Grüße GmbH/CN=Jürgen Größ",
+}
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    from tlscerts import folder, make_leaf, make_pki
+    root = tmp_path_factory.mktemp("pki")
+    made = make_pki(root)
+    work = root / "work"
+    made.subjects = {}
+    for serial, (name, subject) in enumerate(SUBJECTS.items(), start=10):
+        make_leaf(work, "ca", name, serial, "clientAuth", subject=subject)
+        made.subjects[name] = folder(root, f"subject-{name}", {
+            "ca-cert.pem": work / "ca-cert.pem", "client-cert.pem": work / f"{name}-cert.pem",
+            "client-key.pem": work / f"{name}-key.pem"})
+    # a server folder whose certificate another CA signed (qemu's sanity check refuses it)
+    make_leaf(work, "other-ca", "foreign-server", 5, "serverAuth", "IP:127.0.0.1")
+    made.foreign_server = folder(root, "foreign-server", {
+        "ca-cert.pem": work / "ca-cert.pem", "server-cert.pem": work / "foreign-server-cert.pem",
+        "server-key.pem": work / "foreign-server-key.pem"})
+    return made
+
+
+def x509(pki_dir: Path, *extra: str, id: str = "tls0") -> list[str]:
+    return ["--object", ",".join([f"tls-creds-x509,id={id},dir={pki_dir},endpoint=server", *extra]),
+            "--tls-creds", id]
+
+
+def authz(identity: str) -> list[str]:
+    return ["--object", f"authz-simple,id=authz0,identity={identity.replace(',', ',,')}", "--tls-authz", "authz0"]
+
+
+def nbds(port: int, certificates: Path) -> str:
+    return f"nbds://127.0.0.1:{port}/?tls-certificates={certificates}"
+
+
+def qemu_tls_image(port: int, certificates: Path) -> list[str]:
+    return ["--object", f"tls-creds-x509,id=c0,dir={certificates},endpoint=client",
+            "--image-opts", f"driver=nbd,host=127.0.0.1,port={port},tls-creds=c0"]
+
+
+def test_tls_clients_with_certificates_and_plain_clients_refused(servers, pki, tmp_path):
+    image = make_image(tmp_path / "a.qcow2")
+    local = guest_view(str(image), tmp_path / "local.raw", "qcow2")
+    seen = {}
+    for server in SERVERS:
+        port = free_port()
+        servers(server, "-t", *tcp_args(port), *x509(pki.server), "-f", "qcow2", image)
+        info = json.loads(run("nbdinfo", "--json", nbds(port, pki.client)).stdout)
+        assert info["TLS"] is True
+        seen[server] = {k: info["exports"][0].get(k) for k in COMPARED}
+        run("qemu-img", "convert", "-O", "raw", *qemu_tls_image(port, pki.client), tmp_path / f"{server}.raw")
+        seen[server]["bytes"] = (tmp_path / f"{server}.raw").read_bytes()
+        out = run("qemu-io", *qemu_tls_image(port, pki.client), "-c", "read -P 0x22 3M 64k").stdout
+        assert "Pattern verification failed" not in out
+        for refused in (["nbdinfo", f"nbd://127.0.0.1:{port}/"],                 # plain
+                        ["nbdinfo", nbds(port, pki.no_cert)],                      # no client certificate
+                        ["nbdinfo", nbds(port, pki.wrong_ca)],                     # another CA's
+                        ["qemu-img", "info", "-f", "raw", f"nbd://127.0.0.1:{port}/"]):
+            assert run(*refused, check=False).returncode != 0, (server, refused)
+    assert seen["nbdserve"] == seen["qemu-nbd"]
+    assert seen["nbdserve"]["bytes"] == local
+
+
+@pytest.mark.parametrize("server", list(SERVERS))
+def test_tls_verify_peer_off_lets_in_clients_without_a_certificate(servers, pki, tmp_path, server):
+    image = make_image(tmp_path / "a.qcow2")
+    port = free_port()
+    servers(server, "-t", *tcp_args(port), *x509(pki.server, "verify-peer=off"), "-f", "qcow2", image)
+    assert run("nbdinfo", "--size", nbds(port, pki.no_cert)).stdout == f"{64 * MiB}\n"
+    assert run("nbdinfo", "--size", f"nbd://127.0.0.1:{port}/", check=False).returncode != 0
+
+
+def denied_identity(pki, client: Path, tmp_path: Path) -> str:
+    """The distinguished name Debian's qemu-nbd prints when its authz-simple denies the
+    certificate in ``client`` (qcrypto_tls_session_check_certificate)."""
+    image = make_image(tmp_path / "dn.qcow2")
+    port = free_port()
+    log = tmp_path / "qemu-nbd.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([QEMU_NBD, "-t", *tcp_args(port), *x509(pki.server), *authz("CN=nobody"),
+                                 "-f", "qcow2", str(image)], stderr=err)
+    try:
+        deadline = time.monotonic() + 20
+        while "is denied" not in log.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+            run("nbdinfo", "--size", nbds(port, client), check=False)
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    [line] = {ln for ln in log.read_text().splitlines() if "is denied" in ln}
+    return line.split("TLS x509 authz check for ", 1)[1].rsplit(" is denied", 1)[0]
+
+
+@pytest.mark.parametrize("name", list(SUBJECTS))
+def test_tls_authz_lets_in_the_identity_qemu_nbd_names(servers, pki, tmp_path, name):
+    client = pki.subjects[name]
+    identity = denied_identity(pki, client, tmp_path)
+    image = make_image(tmp_path / "a.qcow2")
+    refusals = {}
+    for server in SERVERS:
+        allowed, denied = free_port(), free_port()
+        servers(server, "-t", "-r", *tcp_args(allowed), *x509(pki.server), *authz(identity), "-f", "qcow2", image)
+        servers(server, "-t", "-r", *tcp_args(denied), *x509(pki.server), *authz(identity + "x"), "-f", "qcow2",
+                image)
+        assert run("nbdinfo", "--size", nbds(allowed, client)).stdout == f"{64 * MiB}\n", server
+        for port, certificates in ((allowed, pki.client), (denied, client)):
+            p = run("nbdinfo", "--size", nbds(port, certificates), check=False)
+            assert p.returncode != 0 and p.stdout == "", (server, certificates)
+        out = run("qemu-io", "-r", *qemu_tls_image(allowed, client), "-c", "read -P 0x11 0 1M").stdout
+        assert "Pattern verification failed" not in out
+        p = run("qemu-img", "info", *qemu_tls_image(denied, client), check=False)
+        assert p.returncode != 0, server
+        refusals[server] = p.stderr.replace(str(denied), "PORT")
+    assert refusals["nbdserve"] == refusals["qemu-nbd"]     # closed after the handshake, as qemu-nbd does
+
+
+# qemu-nbd refuses these too (exit 1)
+QEMU_REFUSES_TOO = [
+    (["--object", "tls-creds-psk,id=t0,dir=/nonexistent,endpoint=server", "--tls-creds", "t0"], "tls-creds-psk"),
+    (["--tls-creds", "t0"], "No TLS credentials with id 't0'"),
+    (["--tls-authz", "a0"], "--tls-authz is not permitted without --tls-creds"),
+    (["--object", "authz-simple,id=t0,identity=CN=x", "--tls-creds", "t0"], "is not TLS credentials"),
+    (["--object", "tls-creds-x509,id=t0,dir={server}", "--tls-creds", "t0"], "for a server endpoint"),
+    (["--object", "tls-creds-x509,id=t0,dir={client},endpoint=server"], "server-cert.pem: No such file"),
+    (["--object", "tls-creds-x509,id=t0,dir={foreign},endpoint=server", "--tls-creds", "t0"],
+     "failed validation against"),
+]
+# qemu-nbd has these; nbdserve-qemu-nbd refuses them by name
+OURS_ONLY = [
+    (["--object", "tls-creds-anon,id=t0,endpoint=server", "--tls-creds", "t0"], "tls-creds-anon"),
+    (["--object", "secret,id=s0,data=x"], "--object secret"),
+    (["--object", "authz-list,id=a0"], "--object authz-list"),
+    (["--object", "tls-creds-x509,id=t0,dir={server},endpoint=server,priority=NORMAL"], "'priority'"),
+    (["--object", "tls-creds-x509,id=t0,dir={server},endpoint=server,verify-peer=off",
+      "--object", "authz-simple,id=a0,identity=CN=x", "--tls-creds", "t0", "--tls-authz", "a0"],
+     "--tls-authz needs verify-peer=on"),
+]
+
+
+@pytest.mark.parametrize("args, named, qemu_refuses", [(a, n, True) for a, n in QEMU_REFUSES_TOO]
+                         + [(a, n, False) for a, n in OURS_ONLY])
+def test_tls_objects_refused_by_name(pki, tmp_path, args, named, qemu_refuses):
+    image = make_image(tmp_path / "a.qcow2")
+    args = [a.format(server=pki.server, client=pki.client, foreign=pki.foreign_server) for a in args]
+    if qemu_refuses:
+        q = run(QEMU_NBD, "--fork", "-k", tmp_path / "q.sock", *args, "-f", "qcow2", image, check=False)
+        assert q.returncode == 1, q
+    p = run(DROPIN, "--fork", "-k", tmp_path / "s.sock", *args, "-f", "qcow2", image, check=False)
+    assert p.returncode != 0 and p.stdout == "", p
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("nbdserve-qemu-nbd: error: ") and named in p.stderr, p
+
+
+def test_tls_foreign_certificate_passes_with_sanity_check_off(servers, pki, tmp_path):
+    image = make_image(tmp_path / "a.qcow2")
+    for server in SERVERS:
+        port = free_port()
+        servers(server, "-t", *tcp_args(port), *x509(pki.foreign_server, "sanity-check=off"), "-f", "qcow2", image)
+        # clients trusting the CA in that folder cannot verify the server's certificate
+        assert run("nbdinfo", "--size", nbds(port, pki.client), check=False).returncode != 0, server
+
+
+# -- --image-opts ---------------------------------------------------------------------------------
+
+IMAGE_OPTS = ["driver=qcow2,file.filename={qcow2}", "driver=qcow2,file.driver=file,file.filename={qcow2}",
+              "file.filename={qcow2}", "driver=raw,file.filename={raw}", "driver=file,filename={qcow2}",
+              "driver=raw,file.driver=file,file.filename={qcow2}"]
+
+
+@pytest.mark.parametrize("opts", IMAGE_OPTS)
+def test_image_opts_serve_what_qemu_nbd_serves(servers, tmp_path, opts):
+    qcow2 = make_image(tmp_path / "a.qcow2")
+    raw = tmp_path / "a.raw"
+    raw.write_bytes(os.urandom(3 * MiB))
+    seen = {}
+    for server in SERVERS:
+        sock = tmp_path / f"{server}.sock"
+        servers(server, "-t", "-k", sock, "--image-opts", opts.format(qcow2=qcow2, raw=raw))
+        uri = f"nbd+unix:///?socket={sock}"
+        info = nbdinfo_json(uri)
+        seen[server] = {k: info.get(k) for k in COMPARED}
+        seen[server]["bytes"] = guest_view(uri, tmp_path / f"{server}.raw")
+    assert seen["nbdserve"] == seen["qemu-nbd"]
+
+
+@pytest.mark.parametrize("opts, extra, named", [
+    ("{qcow2}", [], "file="), ("driver=qcow2,file={qcow2}", [], "file="),
+    ("driver=qcow2,foo=bar,file.filename={qcow2}", [], "'foo'"),
+    ("driver=vmdk,file.filename={qcow2}", [], "driver=vmdk"), ("driver=raw", [], "file.filename"),
+    ("driver=qcow2,file.driver=file,filename={qcow2}", [], "'filename'"),
+    ("driver=qcow2,file.filename={qcow2}", ["-f", "qcow2"], "--image-opts and -f are mutually exclusive"),
+])
+def test_image_opts_outside_the_subset_refused_by_name(tmp_path, opts, extra, named):
+    """qemu-nbd fails to open each of these too."""
+    qcow2 = make_image(tmp_path / "a.qcow2")
+    for server in SERVERS:
+        p = run(SERVERS[server], "--fork", "-k", tmp_path / "s.sock", *extra, "--image-opts",
+                opts.format(qcow2=qcow2), check=False)
+        assert p.returncode != 0, (server, p)
+    assert p.stderr.count("\n") == 1 and named in p.stderr, p

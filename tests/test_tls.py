@@ -1,24 +1,20 @@
 """TLS (NBD_OPT_STARTTLS) with real clients: nbdinfo/nbdcopy (libnbd, GnuTLS), qemu-io and
 qemu-img (qemu's tls-creds-x509), python3-libnbd, and raw sockets with Python's ssl.
 
-The certificates are made at test time with the openssl command: a CA, a server
-certificate for 127.0.0.1/localhost, a client certificate from that CA and one from
-another CA, laid out in the folders libnbd (tls-certificates=DIR) and qemu
-(tls-creds-x509,dir=DIR) read: ca-cert.pem, client-cert.pem, client-key.pem.
+The certificates are made at test time with the openssl command (tests/tlscerts.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
-import shutil
 import socket
 import ssl
 import struct
 import subprocess
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,7 +22,8 @@ import trio
 
 from conftest import nbdserve_command, import_libnbd
 from nbdhelpers import MiB, file_bytes, make_raw, run, same_files, start_server
-from nbdserve.config import ExportConfig, TlsConfig
+from nbdserve.config import ExportConfig
+from tlscerts import Pki, make_pki
 
 
 SIZE = 64 * MiB
@@ -39,85 +36,9 @@ REQUEST_MAGIC, SIMPLE_REPLY_MAGIC = 0x25609513, 0x67446698
 
 # -- certificates -----------------------------------------------------------------------------
 
-CA_CONFIG = """\
-[req]
-distinguished_name = dn
-x509_extensions = ca
-prompt = no
-[dn]
-CN = {name}
-[ca]
-basicConstraints = critical,CA:TRUE
-keyUsage = critical,keyCertSign,cRLSign
-subjectKeyIdentifier = hash
-"""
-LEAF_EXTENSIONS = """\
-basicConstraints = critical,CA:FALSE
-keyUsage = critical,digitalSignature,keyEncipherment
-extendedKeyUsage = {usage}
-"""
-
-
-@dataclass
-class Pki:
-    server: Path      # ca-cert.pem, server-cert.pem, server-key.pem
-    client: Path      # ca-cert.pem + a client certificate the CA signed
-    no_cert: Path     # ca-cert.pem only
-    wrong_ca: Path    # ca-cert.pem + a client certificate another CA signed
-
-    def tls(self, mode: str = "require", verify_clients: bool = True) -> TlsConfig:
-        return TlsConfig(cert=str(self.server / "server-cert.pem"), key=str(self.server / "server-key.pem"),
-                         ca=str(self.server / "ca-cert.pem") if verify_clients else None, mode=mode)
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _make_ca(work: Path, name: str) -> None:
-    (work / f"{name}.cnf").write_text(CA_CONFIG.format(name=f"nbdserve test {name}"))
-    _openssl("req", "-x509", "-config", f"{name}.cnf", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-             "-nodes", "-keyout", f"{name}-key.pem", "-out", f"{name}-cert.pem", "-days", "2", cwd=work)
-
-
-def _make_leaf(work: Path, ca: str, name: str, serial: int, usage: str, alt_names: str = "") -> None:
-    extensions = LEAF_EXTENSIONS.format(usage=usage) + (f"subjectAltName = {alt_names}\n" if alt_names else "")
-    (work / f"{name}.ext").write_text(extensions)
-    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", f"{name}-key.pem", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=work)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}-cert.pem", "-CAkey", f"{ca}-key.pem",
-             "-set_serial", str(serial), "-days", "2", "-extfile", f"{name}.ext",
-             "-out", f"{name}-cert.pem", cwd=work)
-
-
-def _folder(root: Path, name: str, files: dict[str, Path]) -> Path:
-    folder = root / name
-    folder.mkdir()
-    for target, source in files.items():
-        shutil.copy(source, folder / target)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Pki:
-    root = tmp_path_factory.mktemp("pki")
-    work = root / "work"
-    work.mkdir()
-    _make_ca(work, "ca")
-    _make_ca(work, "other-ca")
-    _make_leaf(work, "ca", "server", 2, "serverAuth", "IP:127.0.0.1,DNS:localhost")
-    _make_leaf(work, "ca", "client", 3, "clientAuth")
-    _make_leaf(work, "other-ca", "stranger", 2, "clientAuth")
-    ca = work / "ca-cert.pem"
-    return Pki(
-        server=_folder(root, "server", {"ca-cert.pem": ca, "server-cert.pem": work / "server-cert.pem",
-                                        "server-key.pem": work / "server-key.pem"}),
-        client=_folder(root, "client", {"ca-cert.pem": ca, "client-cert.pem": work / "client-cert.pem",
-                                        "client-key.pem": work / "client-key.pem"}),
-        no_cert=_folder(root, "no-cert", {"ca-cert.pem": ca}),
-        wrong_ca=_folder(root, "wrong-ca", {"ca-cert.pem": ca, "client-cert.pem": work / "stranger-cert.pem",
-                                            "client-key.pem": work / "stranger-key.pem"}),
-    )
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 # -- the server and the clients -----------------------------------------------------------------
@@ -273,6 +194,25 @@ async def test_client_certificates_verified_against_the_ca(pki, tmp_path, nurser
     assert sum("client certificate refused" in f for f in failures) == 2
     assert not log_lines(caplog, "export 'disk'")      # none of them reached an export
     await run("qemu-io", *qemu_tls(server, pki.client), "-c", f"read -P 0 0 {8 * MiB}")
+
+
+async def test_authz_identity_lets_in_only_the_client_with_that_subject(pki, tmp_path, nursery, caplog):
+    """The client certificate's subject is /CN=client (tlscerts.make_pki): "CN=client" as
+    GnuTLS writes it; any other identity refuses it after the TLS handshake."""
+    allowed = await serve(nursery, tmp_path, dataclasses.replace(pki.tls(), identity="CN=client"))
+    await run("nbdinfo", nbds(allowed, pki.client))
+    await run("qemu-io", *qemu_tls(allowed, pki.client), "-c", f"read -P 0 0 {8 * MiB}")
+    assert not log_lines(caplog, "authz")
+    (tmp_path / "other").mkdir()
+    denied = await serve(nursery, tmp_path / "other", dataclasses.replace(pki.tls(), identity="CN=someone else"))
+    assert (await run("nbdinfo", nbds(denied, pki.client), check=False)).returncode != 0
+    qemu = await run("qemu-io", *qemu_tls(denied, pki.client), "-c", "read 0 512", check=False)
+    assert qemu.returncode != 0
+    refusals = log_lines(caplog, "authz")
+    assert len(refusals) == 2 and all(
+        r.endswith(": TLS handshake failed: TLS x509 authz check for CN=client is denied") for r in refusals), refusals
+    assert len(log_lines(caplog, "export 'disk'")) == 2     # the allowed client's two connections only
+    await run("nbdinfo", nbds(allowed, pki.client))      # both still serving
 
 
 async def test_without_a_ca_clients_need_no_certificate(pki, tmp_path, nursery):
@@ -443,6 +383,8 @@ async def test_cli_and_config_file_serve_tls(pki, tmp_path, nbdserve):
     (["--tls-cert", "server-cert.pem"], 2, "--tls-cert and --tls-key go together"),
     (["--tls-ca", "ca-cert.pem"], 2, "--tls-ca needs --tls-cert and --tls-key"),
     (["--tls", "require"], 2, "--tls require needs --tls-cert and --tls-key"),
+    (["--tls-cert", "server-cert.pem", "--tls-key", "server-key.pem", "--tls-authz-identity", "CN=client"], 2,
+     "--tls-authz-identity needs --tls-ca"),
     (["--tls-cert", "absent.pem", "--tls-key", "server-key.pem"], 1, "absent.pem: No such file or directory"),
     (["--tls-cert", "server-key.pem", "--tls-key", "server-key.pem"], 1, "server-key.pem: no PEM certificate"),
     (["--tls-cert", "server-cert.pem", "--tls-key", "ca-cert.pem"], 1, "ca-cert.pem: no PEM private key"),

@@ -3,7 +3,8 @@
 qemu-nbd (--tls-creds) and nbdkit (--tls-certificates) use GnuTLS; this is Python's
 ssl (OpenSSL) through trio.SSLStream.  proto.md: "TLS versions": 1.2 at least.
 With a CA, the client must present a certificate that CA signed (like qemu's
-tls-creds-x509 verify-peer=on, nbdkit --tls-verify-peer).
+tls-creds-x509 verify-peer=on, nbdkit --tls-verify-peer); with an identity too, its
+subject must be that distinguished name (qemu's --tls-authz with authz-simple).
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import ssl
 import trio
 
 from ..config import TlsConfig
+from .x509_name import DerError, subject_dn
+
+
+RECEIVE_SIZE = 64 * 1024
 
 
 class TlsSetupError(ValueError):
@@ -36,12 +41,18 @@ def _readable(path: str) -> None:
         raise TlsSetupError(f"{path}: {e.strerror}") from None
 
 
-def server_context(tls: TlsConfig) -> ssl.SSLContext:
+class ServerContext(ssl.SSLContext):
+    """An SSLContext and the one client identity it lets in (None: any the CA signed)."""
+
+    allowed_identity: str | None = None
+
+
+def server_context(tls: TlsConfig) -> ServerContext:
     """The SSLContext for ``tls``; TlsSetupError names the file at fault."""
     for path in (tls.cert, tls.key, tls.ca):
         if path is not None:
             _readable(path)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = ServerContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_RENEGOTIATION
     try:   # parse the certificate alone first, so that a failure names the right file
@@ -61,6 +72,7 @@ def server_context(tls: TlsConfig) -> ssl.SSLContext:
         except ssl.SSLError:
             raise TlsSetupError(f"{tls.ca}: no PEM CA certificate in it") from None
         context.verify_mode = ssl.CERT_REQUIRED
+        context.allowed_identity = tls.identity
     return context
 
 
@@ -115,6 +127,18 @@ class TlsStream(trio.abc.Stream):
         return text
 
 
+async def _hang_up(stream: trio.abc.HalfCloseableStream) -> None:
+    """Half-close the connection and read what the client still sends until it closes
+    (at most CLOSE_NOTIFY_SECONDS): it gets an EOF, not a reset, as from qemu-nbd."""
+    with trio.move_on_after(TlsStream.CLOSE_NOTIFY_SECONDS):
+        try:
+            await stream.send_eof()
+            while await stream.receive_some(RECEIVE_SIZE):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
 async def start_tls(stream: trio.abc.Stream, context: ssl.SSLContext) -> TlsStream:
     """Run the server side of the TLS handshake on ``stream``; return the TLS stream."""
     ssl_stream = trio.SSLStream(stream, context, server_side=True)
@@ -122,4 +146,13 @@ async def start_tls(stream: trio.abc.Stream, context: ssl.SSLContext) -> TlsStre
         await ssl_stream.do_handshake()
     except trio.BrokenResourceError as e:
         raise TlsHandshakeError(_failure(e.__cause__)) from e
+    allowed = getattr(context, "allowed_identity", None)
+    if allowed is not None:   # qemu's qcrypto_tls_session_check_certificate, with authz-simple
+        try:
+            identity = subject_dn(ssl_stream.getpeercert(binary_form=True))
+        except DerError as e:
+            raise TlsHandshakeError(f"cannot get client distinguished name: {e}") from None
+        if identity != allowed:
+            await _hang_up(stream)
+            raise TlsHandshakeError(f"TLS x509 authz check for {identity} is denied")
     return TlsStream(ssl_stream)
