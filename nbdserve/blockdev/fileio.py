@@ -1,4 +1,4 @@
-"""Writing the image file: every byte, or an error."""
+"""Writing the image file: every byte, or an error; and where its holes are."""
 
 from __future__ import annotations
 
@@ -17,3 +17,23 @@ def pwrite_all(fd: int, data, offset: int) -> None:
         if n == 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         done += n
+
+
+def host_runs(fd: int, offset: int, length: int):
+    """(length, is_hole) runs of the file over [offset, offset + length), by SEEK_DATA /
+    SEEK_HOLE (past the end of the file is a hole), as qemu's file-posix block_status asks."""
+    pos, end = offset, offset + length
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            data = end
+        if data > pos:
+            step = min(data, end) - pos
+            yield step, True
+        else:
+            step = min(os.lseek(fd, pos, os.SEEK_HOLE), end) - pos
+            yield step, False
+        pos += step

@@ -24,7 +24,10 @@ from dataclasses import dataclass, field
 import trio
 
 from ..blockdev import FILE_SLICE_MIN, BlockDevice, Extent, FileSlice, ReadChunk, check_range
+from ..blockdev.chain import OPEN_ANY, ChainPolicy
 from ..blockdev.fileio import pwrite_all
+from ..blockdev.lock import lock_image, lock_mode
+from ..blockdev.probe import probe_format
 from . import format as fmt
 from .comutex import CoMutex
 from .compress import decompress_cluster
@@ -84,7 +87,8 @@ class Qcow2Image(BlockDevice):
     # ------------------------------------------------------------------ open
     @classmethod
     def open(cls, path: str, *, read_only: bool = False, allocator: str = "fixed",
-             delays: dict[str, float] | None = None, _seen: tuple[str, ...] = ()) -> "Qcow2Image":
+             delays: dict[str, float] | None = None, chain: ChainPolicy = OPEN_ANY,
+             _seen: tuple[str, ...] = ()) -> "Qcow2Image":
         real = os.path.realpath(path)
         if real in _seen:
             raise Qcow2Error(f"Backing chain loop: {' -> '.join(_seen + (real,))}")
@@ -95,13 +99,14 @@ class Qcow2Image(BlockDevice):
             events = BlkDebug(delays)
         except ValueError as e:
             raise Qcow2Error(str(e)) from None
-        if not read_only:
-            _repair_if_dirty(path)
         fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
         try:
+            lock_image(fd, path, *lock_mode(read_only, chain.force_share, backing=bool(_seen)))
+            if not read_only:
+                _repair_if_dirty(path)
             header = read_header(fd)
             img = cls(path, fd, header, read_only=read_only, policy=policy, events=events)
-            img._open_backing(_seen + (real,))
+            img._open_backing(_seen + (real,), chain)
             img._start_writing()
             return img
         except BaseException:
@@ -150,26 +155,22 @@ class Qcow2Image(BlockDevice):
         # a read-only image's file does not change while served: its data may go out as FileSlices
         self._file_size = os.fstat(fd).st_size if read_only else 0
 
-    def _open_backing(self, seen: tuple[str, ...]) -> None:
+    def _open_backing(self, seen: tuple[str, ...], chain: ChainPolicy) -> None:
         name = self.header.backing_file
         if not name:
             return
-        # qemu: bdrv_get_full_backing_filename(): relative to the overlay's folder
-        full = name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
+        full = chain.backing_path(self.path, name)   # qemu's naming, and the operator's limits
         if not os.path.exists(full):
             raise Qcow2Error(f"Could not open backing file {full}: No such file or directory")
-        fmt_name = self.header.backing_format
-        if fmt_name is None:
-            with open(full, "rb") as f:
-                fmt_name = "qcow2" if f.read(4) == fmt.MAGIC else "raw"
+        fmt_name = self.header.backing_format or probe_format(full)
         if fmt_name == "qcow2":
             try:
-                self.backing = Qcow2Image.open(full, read_only=True, _seen=seen)
+                self.backing = Qcow2Image.open(full, read_only=True, chain=chain, _seen=seen)
             except Qcow2Error as e:
                 raise Qcow2Error(f"backing file {full}: {e}") from None
         elif fmt_name == "raw":
             from ..blockdev import RawFile
-            self.backing = RawFile(full, read_only=True)
+            self.backing = RawFile(full, read_only=True, lock=lock_mode(True, backing=True))
         else:
             raise Qcow2Error(f"Unsupported backing format {fmt_name!r} of {full}")
 

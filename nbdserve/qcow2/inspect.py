@@ -8,13 +8,14 @@ refined with the host file's holes (SEEK_DATA/SEEK_HOLE), as qemu does.
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import time
 
 import trio
 
+from ..blockdev.chain import full_backing_filename
+from ..blockdev.fileio import host_runs
 from . import format as fmt
 from .check import read_snapshot_table
 from .header import read_header
@@ -29,13 +30,6 @@ def size_to_str(value: int) -> str:
     i = int((exp - 1) / 10)                       # C division truncates toward zero
     suffix = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"][i]
     return "%0.3g %sB" % (value / (1 << (i * 10)), suffix)
-
-
-def _full_backing_filename(path: str, backing: str) -> str:
-    """qemu: bdrv_get_full_backing_filename(): relative names are taken from the image's folder."""
-    if os.path.isabs(backing):
-        return backing
-    return os.path.join(os.path.dirname(path), backing)
 
 
 # ---------------------------------------------------------------------- info
@@ -78,7 +72,7 @@ def image_info(path: str) -> dict:
         data["extended-l2"] = h.extended_l2
     info["format-specific"] = {"type": "qcow2", "data": data}
     if h.backing_file is not None:
-        info["full-backing-filename"] = _full_backing_filename(path, h.backing_file)
+        info["full-backing-filename"] = full_backing_filename(path, h.backing_file)
         info["backing-filename"] = h.backing_file
     info["dirty-flag"] = bool(h.incompatible_features & fmt.INCOMPAT_DIRTY)
     return info
@@ -127,25 +121,6 @@ def format_info_human(info: dict) -> str:
 
 # ----------------------------------------------------------------------- map
 
-def _host_runs(fd: int, host: int, n: int):
-    """(length, is_hole) runs of the host file over [host, host + n) (past EOF is a hole)."""
-    pos, end = host, host + n
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno != errno.ENXIO:
-                raise
-            data = end
-        if data > pos:
-            step = min(data, end) - pos
-            yield step, True
-        else:
-            step = min(os.lseek(fd, pos, os.SEEK_HOLE), end) - pos
-            yield step, False
-        pos += step
-
-
 def _metadata_preallocation(img: Qcow2Image) -> bool:
     """qemu: qcow2_detect_metadata_preallocation(): more clusters in use than the file system holds.
 
@@ -172,7 +147,7 @@ def _layer_entries(dev, start: int, length: int, depth: int, out: list[dict]) ->
     """Map entries of [start, start + length) seen from layer ``dev`` at ``depth``."""
     if not isinstance(dev, Qcow2Image):
         # a raw layer: its bytes are the file's bytes
-        for n, hole in _host_runs(dev.fd, start, length):
+        for n, hole in host_runs(dev.fd, start, length):
             out.append(_entry(start, n, depth, True, hole, not hole, start, dev.path))
             start += n
         return
@@ -181,7 +156,7 @@ def _layer_entries(dev, start: int, length: int, depth: int, out: list[dict]) ->
         if kind == DATA and not prealloc:
             out.append(_entry(pos, n, depth, True, False, True, host, dev.path))
         elif kind == DATA:
-            for m, hole in _host_runs(dev.fd, host, n):
+            for m, hole in host_runs(dev.fd, host, n):
                 out.append(_entry(pos, m, depth, True, hole, True, host, dev.path))
                 pos += m
                 host += m

@@ -6,6 +6,7 @@ import errno
 from dataclasses import dataclass
 
 from ..blockdev import BlockDevice
+from ..blockdev.chain import ChainPolicy
 from ..config import ExportConfig
 from ..images import ImageError, open_image
 from ..nbd import ExportInfo, TransmissionFlag as TF
@@ -46,8 +47,10 @@ class Export:
 
 def open_export(config: ExportConfig) -> Export:
     """Open the image (raises ImageError); every connection shares this device."""
+    chain = ChainPolicy(backing_root=config.backing_root, no_backing=config.no_backing,
+                        force_share=config.force_share)
     device = open_image(config.image, config.format, read_only=config.read_only,
-                        allocator=config.allocator, delays=config.delays)
+                        allocator=config.allocator, delays=config.delays, chain=chain)
     if config.inject_errors:
         _inject_errors(config, device)
     return Export(config, device, export_info(config.name, device, config.description))
