@@ -23,9 +23,9 @@ PERM_NAMES = {CONSISTENT_READ: "consistent read", WRITE: "write",
 LOCK_PERM_BASE, LOCK_SHARED_BASE = 100, 200
 
 # What qemu 7.2 takes on an image's file (seen in /proc/locks with qemu-nbd and qemu-io):
-#   writable image:      perm read+write+resize, shares all but write and resize
-#   read-only image:     perm read, shares all but write and resize
-#   backing file, or -U: perm read, shares everything
+#   writable image:           perm read+write+resize, shares all but write and resize
+#   read-only (qcow2 backing): perm read, shares all but write and resize
+#   raw backing file, or -U:  perm read, shares everything (the qcow2 above guards it)
 WRITABLE = (CONSISTENT_READ | WRITE | RESIZE, PERM_ALL & ~(WRITE | RESIZE))
 READ_ONLY = (CONSISTENT_READ, PERM_ALL & ~(WRITE | RESIZE))
 SHARED_READ = (CONSISTENT_READ, PERM_ALL)
@@ -38,7 +38,7 @@ class LockError(OSError):
 
 
 def lock_mode(read_only: bool, force_share: bool = False, backing: bool = False) -> tuple[int, int]:
-    """(perm, shared) of one file of a chain, as qemu takes them."""
+    """(perm, shared) of one file of a chain, as qemu takes them; ``backing``: a raw backing file."""
     if backing or force_share:
         return SHARED_READ
     return READ_ONLY if read_only else WRITABLE

@@ -25,7 +25,7 @@ import trio
 
 from ..blockdev import FILE_SLICE_MIN, BlockDevice, Extent, FileSlice, ReadChunk, check_range
 from ..blockdev.chain import OPEN_ANY, ChainPolicy
-from ..blockdev.fileio import pwrite_all
+from ..blockdev.fileio import host_runs, pwrite_all
 from ..blockdev.lock import lock_image, lock_mode
 from ..blockdev.probe import probe_format
 from . import format as fmt
@@ -34,6 +34,7 @@ from .compress import decompress_cluster
 from .errors import Qcow2Error
 from .events import BlkDebug
 from .header import Qcow2Header, read_header
+from .holes import metadata_preallocation
 from .l2cache import L2Cache, decode_table, encode_table
 from .policy import AllocationPolicy, policy_by_name
 from .refcount import CorruptRefcounts, Refcounts
@@ -101,7 +102,7 @@ class Qcow2Image(BlockDevice):
             raise Qcow2Error(str(e)) from None
         fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
         try:
-            lock_image(fd, path, *lock_mode(read_only, chain.force_share, backing=bool(_seen)))
+            lock_image(fd, path, *lock_mode(read_only, chain.force_share))
             if not read_only:
                 _repair_if_dirty(path)
             header = read_header(fd)
@@ -459,8 +460,10 @@ class Qcow2Image(BlockDevice):
     async def extents(self, offset: int, length: int) -> list[Extent]:
         check_range(self.size, offset, length)
         out: list[Extent] = []
-        for kind, pos, n, _ in self._map(offset, min(length, 1 << 32)):
-            if kind in (DATA, COMPRESSED):
+        for kind, pos, n, host in self._map(offset, min(length, 1 << 32)):
+            if kind == DATA and metadata_preallocation(self):   # qemu: BDRV_BLOCK_RECURSE
+                out.extend(Extent(m, data=True, zero=hole, depth=1) for m, hole in host_runs(self.fd, host, n))
+            elif kind in (DATA, COMPRESSED):
                 out.append(Extent(n, data=True, zero=False, depth=1))
             elif kind == ZERO:
                 out.append(Extent(n, data=False, zero=True, depth=1))

@@ -14,12 +14,14 @@ import time
 
 import trio
 
-from ..blockdev.chain import full_backing_filename
+from ..blockdev.chain import OPEN_ANY, ChainPolicy, full_backing_filename
 from ..blockdev.fileio import host_runs
+from ..blockdev.probe import probe_format
 from . import format as fmt
 from .check import read_snapshot_table
 from .header import read_header
-from .image import COMPRESSED, DATA, UNALLOCATED, ZERO, Qcow2Image
+from .holes import metadata_preallocation
+from .image import COMPRESSED, DATA, MAX_CHAIN_DEPTH, UNALLOCATED, ZERO, Qcow2Image
 
 _COMPRESSION_NAMES = {fmt.COMPRESSION_DEFLATE: "zlib", fmt.COMPRESSION_ZSTD: "zstd"}
 
@@ -78,6 +80,27 @@ def image_info(path: str) -> dict:
     return info
 
 
+def raw_info(path: str) -> dict:
+    """The dict ``qemu-img info --output=json`` prints for a raw file."""
+    st = os.stat(path)
+    return {"virtual-size": st.st_size, "filename": path, "format": "raw",
+            "actual-size": st.st_blocks * 512, "dirty-flag": False}
+
+
+def chain_info(path: str, fmt: str | None = None, chain: ChainPolicy = OPEN_ANY) -> list[dict]:
+    """``qemu-img info --backing-chain --output=json``: every layer, as the engine resolves it
+    (ChainError where ``chain`` refuses a backing file)."""
+    infos: list[dict] = []
+    while path is not None and len(infos) <= MAX_CHAIN_DEPTH:
+        info = image_info(path) if (fmt or probe_format(path)) == "qcow2" else raw_info(path)
+        infos.append(info)
+        path, fmt = None, None
+        if "backing-filename" in info:
+            path = chain.backing_path(info["filename"], info["backing-filename"])
+            fmt = info.get("backing-filename-format")
+    return infos
+
+
 def _snapshot_line(sn: dict | None) -> str:
     """qemu: bdrv_snapshot_dump()."""
     if sn is None:
@@ -96,8 +119,9 @@ def format_info_human(info: dict) -> str:
     lines = [f"image: {info['filename']}",
              f"file format: {info['format']}",
              f"virtual size: {size_to_str(info['virtual-size'])} ({info['virtual-size']} bytes)",
-             f"disk size: {size_to_str(info['actual-size'])}",
-             f"cluster_size: {info['cluster-size']}"]
+             f"disk size: {size_to_str(info['actual-size'])}"]
+    if "cluster-size" in info:
+        lines.append(f"cluster_size: {info['cluster-size']}")
     if info.get("dirty-flag"):
         lines.append("cleanly shut down: no")
     if "backing-filename" in info:
@@ -111,6 +135,8 @@ def format_info_human(info: dict) -> str:
         lines.append("Snapshot list:")
         lines.append(_snapshot_line(None))
         lines += [_snapshot_line(sn) for sn in info["snapshots"]]
+    if "format-specific" not in info:
+        return "\n".join(lines) + "\n"
     lines.append("Format specific information:")
     for key, value in info["format-specific"]["data"].items():
         if isinstance(value, bool):
@@ -121,28 +147,6 @@ def format_info_human(info: dict) -> str:
 
 # ----------------------------------------------------------------------- map
 
-def _metadata_preallocation(img: Qcow2Image) -> bool:
-    """qemu: qcow2_detect_metadata_preallocation(): more clusters in use than the file system holds.
-
-    Only then does qemu ask the host file about holes inside data clusters
-    (BDRV_BLOCK_RECURSE), so ``qemu-img map`` shows them as zero.
-    """
-    cached = getattr(img, "_nbdserve_prealloc", None)
-    if cached is not None:
-        return cached
-    st = os.fstat(img.fd)
-    real_clusters = st.st_blocks * 512 // img.cluster_size
-    threshold = max(real_clusters * 10 // 9, real_clusters + 2)
-    end_cluster = (st.st_size + img.cluster_size - 1) // img.cluster_size
-    count = 0
-    for i in range(end_cluster):
-        if count >= threshold:
-            break
-        count += img.refcounts.get(i) != 0
-    img._nbdserve_prealloc = result = count >= threshold
-    return result
-
-
 def _layer_entries(dev, start: int, length: int, depth: int, out: list[dict]) -> None:
     """Map entries of [start, start + length) seen from layer ``dev`` at ``depth``."""
     if not isinstance(dev, Qcow2Image):
@@ -151,7 +155,7 @@ def _layer_entries(dev, start: int, length: int, depth: int, out: list[dict]) ->
             out.append(_entry(start, n, depth, True, hole, not hole, start, dev.path))
             start += n
         return
-    prealloc = _metadata_preallocation(dev)
+    prealloc = metadata_preallocation(dev)
     for kind, pos, n, host in dev._map(start, length):
         if kind == DATA and not prealloc:
             out.append(_entry(pos, n, depth, True, False, True, host, dev.path))
