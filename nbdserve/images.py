@@ -34,7 +34,7 @@ def open_image(path: str, fmt: str | None = None, *, read_only: bool = False,
     probed = fmt is None
     fmt = fmt or probe_format(path)
     if fmt == "raw":
-        lock = lock_mode(read_only, chain.force_share)
+        lock = lock_mode(read_only, chain.force_share, raw=True)
         try:
             if probed and not read_only:
                 # qemu raw_open(): printed once, when probing guessed raw for a writable image

@@ -23,10 +23,13 @@ PERM_NAMES = {CONSISTENT_READ: "consistent read", WRITE: "write",
 LOCK_PERM_BASE, LOCK_SHARED_BASE = 100, 200
 
 # What qemu 7.2 takes on an image's file (seen in /proc/locks with qemu-nbd and qemu-io):
-#   writable image:           perm read+write+resize, shares all but write and resize
+#   writable qcow2:            perm read+write+resize, shares all but write and resize
+#   writable raw:              perm read+write (raw never resizes); qemu-nbd shares write
+#                              there, nbdserve does not: two writers never share an image
 #   read-only (qcow2 backing): perm read, shares all but write and resize
-#   raw backing file, or -U:  perm read, shares everything (the qcow2 above guards it)
+#   raw backing file, or -U:   perm read, shares everything (the qcow2 above guards it)
 WRITABLE = (CONSISTENT_READ | WRITE | RESIZE, PERM_ALL & ~(WRITE | RESIZE))
+RAW_WRITABLE = (CONSISTENT_READ | WRITE, PERM_ALL & ~(WRITE | RESIZE))
 READ_ONLY = (CONSISTENT_READ, PERM_ALL & ~(WRITE | RESIZE))
 SHARED_READ = (CONSISTENT_READ, PERM_ALL)
 
@@ -37,11 +40,14 @@ class LockError(OSError):
     """Another process holds a lock that conflicts: qemu's one-line message."""
 
 
-def lock_mode(read_only: bool, force_share: bool = False, backing: bool = False) -> tuple[int, int]:
+def lock_mode(read_only: bool, force_share: bool = False, *, raw: bool = False,
+              backing: bool = False) -> tuple[int, int]:
     """(perm, shared) of one file of a chain, as qemu takes them; ``backing``: a raw backing file."""
     if backing or force_share:
         return SHARED_READ
-    return READ_ONLY if read_only else WRITABLE
+    if read_only:
+        return READ_ONLY
+    return RAW_WRITABLE if raw else WRITABLE
 
 
 def _fcntl(fd: int, cmd: int, l_type: int, offset: int) -> int:

@@ -70,7 +70,7 @@ class RawFile(BlockDevice):
         self.read_only = read_only
         self.fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
         try:
-            lock_image(self.fd, path, *(lock or lock_mode(read_only)))
+            lock_image(self.fd, path, *(lock or lock_mode(read_only, raw=True)))
         except BaseException:
             os.close(self.fd)
             raise

@@ -171,7 +171,7 @@ class Qcow2Image(BlockDevice):
                 raise Qcow2Error(f"backing file {full}: {e}") from None
         elif fmt_name == "raw":
             from ..blockdev import RawFile
-            self.backing = RawFile(full, read_only=True, lock=lock_mode(True, backing=True))
+            self.backing = RawFile(full, read_only=True, lock=lock_mode(True, raw=True, backing=True))
         else:
             raise Qcow2Error(f"Unsupported backing format {fmt_name!r} of {full}")
 
