@@ -188,7 +188,8 @@ def setup_logging(verbose: bool, *, quiet: bool = False) -> None:
     errors); -v / verbose = true adds a line per request; ``quiet``: errors only."""
     import logging
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    from .logline import OneLineFormatter
+    handler.setFormatter(OneLineFormatter())
     root = logging.getLogger("nbdserve")
     root.addHandler(handler)
     root.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
@@ -201,7 +202,7 @@ def run(config: ServerConfig, *, announce: bool = True, quiet: bool = False,
     for export in config.exports:
         if not os.path.exists(export.image):
             raise CliError(f"{export.image}: no such file")
-        if not os.access(export.image, os.R_OK if export.read_only else os.R_OK | os.W_OK):
+        if not os.access(export.image, os.R_OK if export.read_only or export.force_share else os.R_OK | os.W_OK):
             raise CliError(f"{export.image}: permission denied")
     try:
         import trio
@@ -256,7 +257,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             ("--delay", args.delay or None), ("--inject-error", args.inject_error or None),
             ("--description", args.description), ("--control", args.control), ("--tls", args.tls),
             ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--tls-ca", args.tls_ca),
-            ("--tls-authz-identity", args.tls_authz_identity))
+            ("--tls-authz-identity", args.tls_authz_identity),
+            ("--backing-root", args.backing_root), ("--no-backing", args.no_backing or None),
+            ("-U", args.force_share or None))
             if value is not None]
         if given:
             raise CliError(f"serve: {', '.join(given)} cannot be combined with --config "
@@ -295,6 +298,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allocator=args.allocator or "fixed",
         delays=delays,
         inject_errors=inject_errors,
+        backing_root=os.path.abspath(args.backing_root) if args.backing_root is not None else None,
+        no_backing=args.no_backing,
+        force_share=args.force_share,
     )
     config = ServerConfig(exports=[export], verbose=args.verbose)
     if args.control is not None:
@@ -474,8 +480,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     if size is None:
         if backing is None:
             raise CliError("create: SIZE is required without -b BACKING", EXIT_USAGE)
-        # qemu-img resolves a relative backing name from the new image's folder.
-        resolved = os.path.join(os.path.dirname(os.path.abspath(args.file)), backing)
+        from .blockdev.chain import full_backing_filename
+        resolved = full_backing_filename(os.path.abspath(args.file), backing)
         try:
             size = _virtual_size(resolved, args.backing_format)
         except OSError as e:
@@ -519,6 +525,11 @@ def _serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--description", metavar="TEXT", help="export description shown to clients")
     s.add_argument("--control", metavar="SOCKET",
                    help="control socket for blkdebug breakpoints, delays and errors at run time (nbdserve ctl)")
+    s.add_argument("--backing-root", metavar="DIR",
+                   help="every backing file of the image must resolve (symlinks, ..) inside DIR")
+    s.add_argument("--no-backing", action="store_true", help="refuse an image that has a backing file")
+    s.add_argument("-U", "--force-share", action="store_true",
+                   help="serve read-only, sharing the image with a writer (qemu-img -U's locks)")
     s.add_argument("-v", "--verbose", action="store_true", help="also log every request (connections are always logged)")
     s.add_argument("--tls-cert", metavar="FILE", help="TLS: the server's certificate (PEM)")
     s.add_argument("--tls-key", metavar="FILE", help="TLS: the certificate's private key (PEM)")

@@ -51,15 +51,24 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .blockdev.chain import ChainError, ChainPolicy
     from .qcow2.errors import Qcow2Error
-    from .qcow2.inspect import format_info_human, image_info
+    from .qcow2.inspect import chain_info, format_info_human, image_info
+    policy = ChainPolicy(backing_root=args.backing_root, no_backing=args.no_backing)
     try:
-        info = image_info(args.file)
-    except (Qcow2Error, OSError) as e:
+        if args.backing_chain:
+            info = chain_info(args.file, chain=policy)
+        else:
+            info = image_info(args.file)
+            if info.get("backing-filename") is not None:   # the policy's verdict on the name
+                policy.backing_path(args.file, info["backing-filename"])
+    except (Qcow2Error, ChainError, OSError) as e:
         return _fail(args, e)
     if args.output == "json":
         import json
         print(json.dumps(info, indent=4))
+    elif args.backing_chain:
+        sys.stdout.write("\n".join(map(format_info_human, info)))   # qemu-img.c dump_human_image_info_list
     else:
         sys.stdout.write(format_info_human(info))
     sys.stdout.flush()
@@ -96,6 +105,11 @@ def add_subcommands(subparsers) -> None:
 
     i = subparsers.add_parser("info", help="show a qcow2 image's header facts, like qemu-img info")
     i.add_argument("--output", choices=("human", "json"), default="human", help="output format")
+    i.add_argument("--backing-chain", action="store_true",
+                   help="every layer of the backing chain, as nbdserve resolves it")
+    i.add_argument("--backing-root", metavar="DIR",
+                   help="refuse backing files that do not resolve inside DIR (as serve does)")
+    i.add_argument("--no-backing", action="store_true", help="refuse an image with a backing file")
     i.add_argument("file", metavar="FILE")
     i.set_defaults(func=cmd_info)
 

@@ -22,6 +22,9 @@ The TOML file (see ``conf/nbdserve.example.toml``)::
     allocator = "fixed"           # or "qemu-1.1.2", "qemu-1.1.2+b7ab0fea"
     delay = { cow_read = 0.5 }    # blkdebug event -> seconds
     inject_error = { l2_update = "ENOSPC:once" }   # blkdebug event -> "ERRNO[:once]"
+    backing_root = "images"       # every backing file must resolve inside this folder
+    no_backing = false            # true: refuse images that have a backing file
+    force_share = false           # true: read-only, sharing the image like qemu-img -U
 
 Every flaw is refused with a :class:`ConfigError` whose message starts with the
 key at fault, e.g. ``export[1].allocator: expected "fixed" or "qemu-1.1.2", got "foo"``
@@ -64,6 +67,9 @@ class ExportConfig:
     cache: str = "writeback"        # CACHE_MODES
     detect_zeroes: str = "off"      # DETECT_ZEROES
     snapshot: str | None = None     # serve this internal snapshot read-only (qemu-nbd -l: ID_OR_NAME, snapshot.id=/name=)
+    backing_root: str | None = None  # absolute path: every backing file must resolve inside it
+    no_backing: bool = False        # refuse any backing file
+    force_share: bool = False       # qemu-img -U: read-only, taking no lock that conflicts with a writer
 
 
 @dataclass
@@ -241,7 +247,8 @@ def _refuse_unknown(key: str, table: dict[str, Any], known: tuple[str, ...]) -> 
 
 SERVER_KEYS = ("bind", "port", "socket", "control", "verbose", "handshake_timeout", "max_connections", "tls")
 TLS_KEYS = ("cert", "key", "ca", "identity", "mode")
-EXPORT_KEYS = ("name", "image", "format", "read_only", "description", "allocator", "delay", "inject_error")
+EXPORT_KEYS = ("name", "image", "format", "read_only", "description", "allocator", "delay", "inject_error",
+               "backing_root", "no_backing", "force_share")
 
 
 def _resolve(base: str, path: str) -> str:
@@ -270,6 +277,13 @@ def _parse_export(i: int, table: Any, base: str) -> ExportConfig:
         export.delays = check_delays(f"{key}.delay", table["delay"])
     if "inject_error" in table:
         export.inject_errors = check_inject_errors(f"{key}.inject_error", table["inject_error"])
+    if "backing_root" in table:
+        export.backing_root = _resolve(base, check_str(f"{key}.backing_root", table["backing_root"],
+                                                       nonempty=True))
+    if "no_backing" in table:
+        export.no_backing = check_bool(f"{key}.no_backing", table["no_backing"])
+    if "force_share" in table:
+        export.force_share = check_bool(f"{key}.force_share", table["force_share"])
     return export
 
 

@@ -66,7 +66,7 @@ def qemu_io(path, *commands: str, fmt: str = "qcow2", check: bool = True) -> str
 def convert_raw(path, tmpdir) -> bytes:
     """The guest view of ``path`` according to ``qemu-img convert -O raw``."""
     out = Path(tmpdir) / f"convert-{os.getpid()}-{random.getrandbits(32):08x}.raw"
-    qemu_img("convert", "-O", "raw", str(path), str(out))
+    qemu_img("convert", "-U", "-O", "raw", str(path), str(out))   # -U: the engine may hold it open
     try:
         return out.read_bytes()
     finally:
@@ -92,15 +92,15 @@ def compare(path, raw_reference) -> None:
     """``qemu-img compare -f qcow2 -F raw`` must say identical, and the sizes must agree
     (compare alone lets a longer image pass when its extra part reads zeros)."""
     assert info(path)["virtual-size"] == os.path.getsize(raw_reference)
-    qemu_img("compare", "-f", "qcow2", "-F", "raw", str(path), str(raw_reference))
+    qemu_img("compare", "-U", "-f", "qcow2", "-F", "raw", str(path), str(raw_reference))
 
 
 def qemu_map(path) -> list[dict]:
-    return json.loads(qemu_img("map", "--output=json", str(path)).stdout)
+    return json.loads(qemu_img("map", "-U", "--output=json", str(path)).stdout)
 
 
 def info(path) -> dict:
-    return json.loads(qemu_img("info", "--output=json", str(path)).stdout)
+    return json.loads(qemu_img("info", "-U", "--output=json", str(path)).stdout)
 
 
 def shape_ids(shapes) -> list[str]:

@@ -87,9 +87,11 @@ async def test_nbdinfo_over_tls(pki, tmp_path, nursery, caplog):
 
 async def test_qemu_io_and_qemu_img_over_tls(pki, tmp_path, nursery):
     server = await serve(nursery, tmp_path, pki.tls())
-    local = ["qemu-io", "-f", "raw", server.disk]
-    # Written locally, read over TLS.
-    await run(*local, "-c", "write -P 0x5a 20M 3M")
+    # -r -U: the server holds qemu's write lock on its image, like qemu-nbd on a qcow2
+    local = ["qemu-io", "-r", "-U", "-f", "raw", server.disk]
+    # Written locally (no second qemu writer may open the served image), read over TLS.
+    with open(server.disk, "r+b") as f:
+        os.pwrite(f.fileno(), b"\x5a" * (3 << 20), 20 << 20)
     await run("qemu-io", *qemu_tls(server, pki.client), "-c", "read -P 0x5a 20M 3M", "-c", "read -P 0 24M 1M")
     # Written over TLS (1 MiB requests and an unaligned one), read locally.
     await run("qemu-io", *qemu_tls(server, pki.client), "-c", "write -P 0xc3 30M 2M", "-c", "write -P 0x11 33M 4097",

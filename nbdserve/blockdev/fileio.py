@@ -1,5 +1,5 @@
-"""Writing the image file: every byte, or an error; the one seam every write and fsync of
-the qcow2 engine goes through.
+"""Writing the image file: every byte, or an error; where its holes are; and the one seam
+every write and fsync of the qcow2 engine goes through.
 
 ``observers`` see each completed write and fsync (tests/test_power_cut.py records them to
 build the files a power cut could leave); empty, it costs one test per call.
@@ -46,3 +46,23 @@ def fsync(fd: int) -> None:
     os.fsync(fd)
     for observer, n in zip(observers, before):
         observer.synced(fd, n)
+
+
+def host_runs(fd: int, offset: int, length: int):
+    """(length, is_hole) runs of the file over [offset, offset + length), by SEEK_DATA /
+    SEEK_HOLE (past the end of the file is a hole), as qemu's file-posix block_status asks."""
+    pos, end = offset, offset + length
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            data = end
+        if data > pos:
+            step = min(data, end) - pos
+            yield step, True
+        else:
+            step = min(os.lseek(fd, pos, os.SEEK_HOLE), end) - pos
+            yield step, False
+        pos += step

@@ -10,19 +10,45 @@ import os
 import trio
 
 from .base import FILE_SLICE_MIN, BlockDevice, Extent, FileSlice, ReadChunk, check_range
-from .fileio import pwrite_all
+from .fileio import host_runs, pwrite_all
+from .lock import lock_image, lock_mode
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    """Deallocate a range of a file, keeping its size (fallocate(2) PUNCH_HOLE)."""
-    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate a range of a file, keeping its size (fallocate(2) PUNCH_HOLE)."""
+    _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+
+
+def zero_allocated(fd: int, offset: int, length: int) -> bool:
+    """Make a range read as zeros and stay allocated, without writing them: qemu file-posix
+    handle_aiocb_write_zeroes() (FALLOC_FL_ZERO_RANGE, else PUNCH_HOLE then fallocate(0)).
+    False when the file system can do neither."""
+    try:
+        _fallocate(fd, _FALLOC_FL_ZERO_RANGE, offset, length)
+        return True
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    try:
+        punch_hole(fd, offset, length)
+        _fallocate(fd, 0, offset, length)
+        return True
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    return False
 
 
 def pread_exact(fd: int, offset: int, length: int) -> bytes:
@@ -37,10 +63,17 @@ class RawFile(BlockDevice):
     """A plain file.  Reads are synchronous preads: the page cache answers them
     faster than a thread hand-off would; fsync runs in a worker thread."""
 
-    def __init__(self, path: str, read_only: bool = False):
+    def __init__(self, path: str, read_only: bool = False, *, lock: tuple[int, int] | None = None):
+        """``lock``: qemu's (perm, shared) to take on the file (lock.lock_mode), by default
+        those of a read-only or writable image."""
         self.path = path
         self.read_only = read_only
         self.fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+        try:
+            lock_image(self.fd, path, *(lock or lock_mode(read_only, raw=True)))
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.size = os.fstat(self.fd).st_size
 
     def can_trim(self) -> bool:
@@ -100,8 +133,11 @@ class RawFile(BlockDevice):
         if self.read_only:
             raise OSError(errno.EPERM, "device is read-only")
         check_range(self.size, offset, length)
-        # A punched hole reads as zeros on every Linux file system that supports it.
-        punch_hole(self.fd, offset, length)
+        if may_trim:
+            # A punched hole reads as zeros on every Linux file system that supports it.
+            punch_hole(self.fd, offset, length)
+        elif not zero_allocated(self.fd, offset, length):   # NBD_CMD_FLAG_NO_HOLE: keep it allocated
+            await super().zero(offset, length, fast=fast)
         if fua:
             await self.flush()
 
@@ -114,17 +150,8 @@ class RawFile(BlockDevice):
 
     def _extent(self, offset: int, length: int) -> Extent:
         check_range(self.size, offset, length)
-        end = offset + length
-        try:
-            data_start = os.lseek(self.fd, offset, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno != errno.ENXIO:
-                raise
-            data_start = self.size  # only a hole remains
-        if data_start > offset:
-            return Extent(min(data_start, end) - offset, data=False, zero=True, depth=1)
-        hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
-        return Extent(min(hole, end) - offset, data=True, zero=False, depth=1)
+        n, hole = next(host_runs(self.fd, offset, length))
+        return Extent(n, data=not hole, zero=hole, depth=1)
 
     async def close(self):
         if self.fd >= 0:

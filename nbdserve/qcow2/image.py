@@ -29,6 +29,10 @@ import trio
 
 from ..blockdev import FILE_SLICE_MIN, BlockDevice, Extent, FileSlice, ReadChunk, check_range
 from ..blockdev import fileio
+from ..blockdev.chain import OPEN_ANY, ChainPolicy
+from ..blockdev.fileio import host_runs
+from ..blockdev.lock import lock_image, lock_mode
+from ..blockdev.probe import probe_format
 from . import format as fmt
 from .alloc import L2Meta, ClusterAllocation
 from .comutex import CoMutex
@@ -37,6 +41,7 @@ from .errors import Qcow2Error
 from .discard import ClusterDiscard
 from .events import BlkDebug
 from .header import Qcow2Header, read_header
+from .holes import metadata_preallocation
 from .l2cache import L2Cache, decode_table
 from .mapping import COMPRESSED, DATA, UNALLOCATED, ZERO, ClusterMapping
 from .policy import AllocationPolicy, policy_by_name
@@ -75,9 +80,10 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
     @classmethod
     def open(cls, path: str, *, read_only: bool = False, allocator: str = "fixed",
              delays: dict[str, float] | None = None, snapshot_l1: tuple[int, int] | None = None,
-             _seen: tuple[str, ...] = ()) -> "Qcow2Image":
+             chain: ChainPolicy = OPEN_ANY, _seen: tuple[str, ...] = ()) -> "Qcow2Image":
         """``snapshot_l1`` (offset, entries): read through that L1 table, an internal
-        snapshot's, instead of the active one (read-only; see nbdserve.qcow2.snapshot)."""
+        snapshot's, instead of the active one (read-only; see nbdserve.qcow2.snapshot).
+        ``chain``: the rules the backing files must follow (blockdev/chain.py)."""
         real = os.path.realpath(path)
         if real in _seen:
             raise Qcow2Error(f"Backing chain loop: {' -> '.join(_seen + (real,))}")
@@ -88,15 +94,16 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
             events = BlkDebug(delays)
         except ValueError as e:
             raise Qcow2Error(str(e)) from None
-        if not read_only:
-            _repair_if_dirty(path)
         fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
         try:
+            lock_image(fd, path, *lock_mode(read_only, chain.force_share))
+            if not read_only:
+                _repair_if_dirty(path)
             header = read_header(fd)
             img = cls(path, fd, header, read_only=read_only, policy=policy, events=events)
             if snapshot_l1 is not None:
                 img._use_snapshot_l1(*snapshot_l1)
-            img._open_backing(_seen + (real,))
+            img._open_backing(_seen + (real,), chain)
             img._start_writing()
             return img
         except BaseException:
@@ -156,26 +163,22 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
             raise Qcow2Error(f"Snapshot L1 table at {offset:#x} ({entries} entries) is invalid")
         self.l1 = decode_table(raw)
 
-    def _open_backing(self, seen: tuple[str, ...]) -> None:
+    def _open_backing(self, seen: tuple[str, ...], chain: ChainPolicy) -> None:
         name = self.header.backing_file
         if not name:
             return
-        # qemu: bdrv_get_full_backing_filename(): relative to the overlay's folder
-        full = name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
+        full = chain.backing_path(self.path, name)   # qemu's naming, and the operator's limits
         if not os.path.exists(full):
             raise Qcow2Error(f"Could not open backing file {full}: No such file or directory")
-        fmt_name = self.header.backing_format
-        if fmt_name is None:
-            with open(full, "rb") as f:
-                fmt_name = "qcow2" if f.read(4) == fmt.MAGIC else "raw"
+        fmt_name = self.header.backing_format or probe_format(full)
         if fmt_name == "qcow2":
             try:
-                self.backing = Qcow2Image.open(full, read_only=True, _seen=seen)
+                self.backing = Qcow2Image.open(full, read_only=True, chain=chain, _seen=seen)
             except Qcow2Error as e:
                 raise Qcow2Error(f"backing file {full}: {e}") from None
         elif fmt_name == "raw":
             from ..blockdev import RawFile
-            self.backing = RawFile(full, read_only=True)
+            self.backing = RawFile(full, read_only=True, lock=lock_mode(True, raw=True, backing=True))
         else:
             raise Qcow2Error(f"Unsupported backing format {fmt_name!r} of {full}")
 
@@ -339,8 +342,10 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
     async def extents(self, offset: int, length: int) -> list[Extent]:
         check_range(self.size, offset, length)
         out: list[Extent] = []
-        for kind, pos, n, _ in self._map(offset, min(length, 1 << 32)):
-            if kind in (DATA, COMPRESSED):
+        for kind, pos, n, host in self._map(offset, min(length, 1 << 32)):
+            if kind == DATA and metadata_preallocation(self):   # qemu: BDRV_BLOCK_RECURSE
+                out.extend(Extent(m, data=True, zero=hole, depth=1) for m, hole in host_runs(self.fd, host, n))
+            elif kind in (DATA, COMPRESSED):
                 out.append(Extent(n, data=True, zero=False, depth=1))
             elif kind == ZERO:
                 out.append(Extent(n, data=False, zero=True, depth=1))

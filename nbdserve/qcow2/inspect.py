@@ -8,17 +8,20 @@ refined with the host file's holes (SEEK_DATA/SEEK_HOLE), as qemu does.
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import time
 
 import trio
 
+from ..blockdev.chain import OPEN_ANY, ChainPolicy, full_backing_filename
+from ..blockdev.fileio import host_runs
+from ..blockdev.probe import probe_format
 from . import format as fmt
 from .check import read_snapshot_table
 from .header import read_header
-from .image import Qcow2Image
+from .holes import metadata_preallocation
+from .image import MAX_CHAIN_DEPTH, Qcow2Image
 from .mapping import COMPRESSED, DATA, UNALLOCATED, ZERO
 
 _COMPRESSION_NAMES = {fmt.COMPRESSION_DEFLATE: "zlib", fmt.COMPRESSION_ZSTD: "zstd"}
@@ -30,13 +33,6 @@ def size_to_str(value: int) -> str:
     i = int((exp - 1) / 10)                       # C division truncates toward zero
     suffix = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"][i]
     return "%0.3g %sB" % (value / (1 << (i * 10)), suffix)
-
-
-def _full_backing_filename(path: str, backing: str) -> str:
-    """qemu: bdrv_get_full_backing_filename(): relative names are taken from the image's folder."""
-    if os.path.isabs(backing):
-        return backing
-    return os.path.join(os.path.dirname(path), backing)
 
 
 # ---------------------------------------------------------------------- info
@@ -79,10 +75,31 @@ def image_info(path: str) -> dict:
         data["extended-l2"] = h.extended_l2
     info["format-specific"] = {"type": "qcow2", "data": data}
     if h.backing_file is not None:
-        info["full-backing-filename"] = _full_backing_filename(path, h.backing_file)
+        info["full-backing-filename"] = full_backing_filename(path, h.backing_file)
         info["backing-filename"] = h.backing_file
     info["dirty-flag"] = bool(h.incompatible_features & fmt.INCOMPAT_DIRTY)
     return info
+
+
+def raw_info(path: str) -> dict:
+    """The dict ``qemu-img info --output=json`` prints for a raw file."""
+    st = os.stat(path)
+    return {"virtual-size": st.st_size, "filename": path, "format": "raw",
+            "actual-size": st.st_blocks * 512, "dirty-flag": False}
+
+
+def chain_info(path: str, fmt: str | None = None, chain: ChainPolicy = OPEN_ANY) -> list[dict]:
+    """``qemu-img info --backing-chain --output=json``: every layer, as the engine resolves it
+    (ChainError where ``chain`` refuses a backing file)."""
+    infos: list[dict] = []
+    while path is not None and len(infos) <= MAX_CHAIN_DEPTH:
+        info = image_info(path) if (fmt or probe_format(path)) == "qcow2" else raw_info(path)
+        infos.append(info)
+        path, fmt = None, None
+        if "backing-filename" in info:
+            path = chain.backing_path(info["filename"], info["backing-filename"])
+            fmt = info.get("backing-filename-format")
+    return infos
 
 
 def _snapshot_line(sn: dict | None) -> str:
@@ -103,8 +120,9 @@ def format_info_human(info: dict) -> str:
     lines = [f"image: {info['filename']}",
              f"file format: {info['format']}",
              f"virtual size: {size_to_str(info['virtual-size'])} ({info['virtual-size']} bytes)",
-             f"disk size: {size_to_str(info['actual-size'])}",
-             f"cluster_size: {info['cluster-size']}"]
+             f"disk size: {size_to_str(info['actual-size'])}"]
+    if "cluster-size" in info:
+        lines.append(f"cluster_size: {info['cluster-size']}")
     if info.get("dirty-flag"):
         lines.append("cleanly shut down: no")
     if "backing-filename" in info:
@@ -118,6 +136,8 @@ def format_info_human(info: dict) -> str:
         lines.append("Snapshot list:")
         lines.append(_snapshot_line(None))
         lines += [_snapshot_line(sn) for sn in info["snapshots"]]
+    if "format-specific" not in info:
+        return "\n".join(lines) + "\n"
     lines.append("Format specific information:")
     for key, value in info["format-specific"]["data"].items():
         if isinstance(value, bool):
@@ -128,61 +148,20 @@ def format_info_human(info: dict) -> str:
 
 # ----------------------------------------------------------------------- map
 
-def _host_runs(fd: int, host: int, n: int):
-    """(length, is_hole) runs of the host file over [host, host + n) (past EOF is a hole)."""
-    pos, end = host, host + n
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno != errno.ENXIO:
-                raise
-            data = end
-        if data > pos:
-            step = min(data, end) - pos
-            yield step, True
-        else:
-            step = min(os.lseek(fd, pos, os.SEEK_HOLE), end) - pos
-            yield step, False
-        pos += step
-
-
-def _metadata_preallocation(img: Qcow2Image) -> bool:
-    """qemu: qcow2_detect_metadata_preallocation(): more clusters in use than the file system holds.
-
-    Only then does qemu ask the host file about holes inside data clusters
-    (BDRV_BLOCK_RECURSE), so ``qemu-img map`` shows them as zero.
-    """
-    cached = getattr(img, "_nbdserve_prealloc", None)
-    if cached is not None:
-        return cached
-    st = os.fstat(img.fd)
-    real_clusters = st.st_blocks * 512 // img.cluster_size
-    threshold = max(real_clusters * 10 // 9, real_clusters + 2)
-    end_cluster = (st.st_size + img.cluster_size - 1) // img.cluster_size
-    count = 0
-    for i in range(end_cluster):
-        if count >= threshold:
-            break
-        count += img.refcounts.get(i) != 0
-    img._nbdserve_prealloc = result = count >= threshold
-    return result
-
-
 def _layer_entries(dev, start: int, length: int, depth: int, out: list[dict]) -> None:
     """Map entries of [start, start + length) seen from layer ``dev`` at ``depth``."""
     if not isinstance(dev, Qcow2Image):
         # a raw layer: its bytes are the file's bytes
-        for n, hole in _host_runs(dev.fd, start, length):
+        for n, hole in host_runs(dev.fd, start, length):
             out.append(_entry(start, n, depth, True, hole, not hole, start, dev.path))
             start += n
         return
-    prealloc = _metadata_preallocation(dev)
+    prealloc = metadata_preallocation(dev)
     for kind, pos, n, host in dev._map(start, length):
         if kind == DATA and not prealloc:
             out.append(_entry(pos, n, depth, True, False, True, host, dev.path))
         elif kind == DATA:
-            for m, hole in _host_runs(dev.fd, host, n):
+            for m, hole in host_runs(dev.fd, host, n):
                 out.append(_entry(pos, m, depth, True, hole, True, host, dev.path))
                 pos += m
                 host += m

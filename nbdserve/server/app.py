@@ -14,6 +14,7 @@ import threading
 import trio
 
 from ..config import ServerConfig
+from ..logline import OneLineFormatter
 from ..nbd import ExportCatalog, TlsMode
 from .commands import CONNECTION_REFUSALS, Refusals
 from .control import Control, release_breakpoints
@@ -30,7 +31,7 @@ def _ensure_logging() -> None:
     base = logging.getLogger("nbdserve")
     if not base.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("nbdserve: %(message)s"))
+        handler.setFormatter(OneLineFormatter())
         base.addHandler(handler)
         base.setLevel(logging.INFO)
 

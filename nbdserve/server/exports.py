@@ -6,6 +6,7 @@ import errno
 from dataclasses import dataclass
 
 from ..blockdev import BlockDevice
+from ..blockdev.chain import ChainPolicy
 from ..config import ExportConfig
 from ..images import ImageError, open_image
 from ..nbd import ExportInfo, TransmissionFlag as TF
@@ -50,8 +51,11 @@ class Export:
 
 def open_export(config: ExportConfig) -> Export:
     """Open the image (raises ImageError); every connection shares this device."""
+    chain = ChainPolicy(backing_root=config.backing_root, no_backing=config.no_backing,
+                        force_share=config.force_share)
     device = open_image(config.image, config.format, read_only=config.read_only,
-                        allocator=config.allocator, delays=config.delays, snapshot=config.snapshot)
+                        allocator=config.allocator, delays=config.delays, snapshot=config.snapshot,
+                        chain=chain)
     if (config.delays or config.inject_errors) and blkdebug(device) is None:
         what = "delay" if config.delays else "inject_error"
         raise ImageError(f"{config.image}: {what} needs a qcow2 image ({RAW_HAS_NO_EVENTS})")
