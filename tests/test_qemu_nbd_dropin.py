@@ -125,9 +125,9 @@ COMPARED = ("export-name", "export-size", "is_read_only", "can_multi_conn", "can
 
 @pytest.mark.parametrize("flags", FLAG_CASES, ids=lambda f: " ".join(f) or "defaults")
 def test_export_as_qemu_nbd_advertises_it(servers, tmp_path, flags):
-    image = make_image(tmp_path / "a.qcow2")
     seen = {}
     for server in SERVERS:
+        image = make_image(tmp_path / f"{server}.qcow2")   # one each: both lock their image as qemu does
         port = free_port()
         servers(server, "-t", *tcp_args(port), "-f", "qcow2", *flags, image)
         name = flags[flags.index("-x") + 1] if "-x" in flags else ""
@@ -147,8 +147,9 @@ def test_offset_serves_the_image_from_there(servers, tmp_path):
     views = {}
     for server in SERVERS:
         port = free_port()
-        servers(server, "-t", *tcp_args(port), "-f", "raw", "--offset", str(MiB + 512), raw)
+        s = servers(server, "-t", *tcp_args(port), "-f", "raw", "--offset", str(MiB + 512), raw)
         views[server] = guest_view(f"nbd://127.0.0.1:{port}/", tmp_path / f"{server}.raw")
+        s.stop()    # the image's write lock, for the next server
     assert views["nbdserve"] == views["qemu-nbd"] == raw.read_bytes()[MiB + 512:]
 
 
@@ -366,7 +367,7 @@ def test_tls_clients_with_certificates_and_plain_clients_refused(servers, pki, t
     seen = {}
     for server in SERVERS:
         port = free_port()
-        servers(server, "-t", *tcp_args(port), *x509(pki.server), "-f", "qcow2", image)
+        s = servers(server, "-t", *tcp_args(port), *x509(pki.server), "-f", "qcow2", image)
         info = json.loads(run("nbdinfo", "--json", nbds(port, pki.client)).stdout)
         assert info["TLS"] is True
         seen[server] = {k: info["exports"][0].get(k) for k in COMPARED}
@@ -379,6 +380,7 @@ def test_tls_clients_with_certificates_and_plain_clients_refused(servers, pki, t
                         ["nbdinfo", nbds(port, pki.wrong_ca)],                     # another CA's
                         ["qemu-img", "info", "-f", "raw", f"nbd://127.0.0.1:{port}/"]):
             assert run(*refused, check=False).returncode != 0, (server, refused)
+        s.stop()    # the image's write lock, for the next server
     assert seen["nbdserve"] == seen["qemu-nbd"]
     assert seen["nbdserve"]["bytes"] == local
 
@@ -477,9 +479,11 @@ def test_tls_foreign_certificate_passes_with_sanity_check_off(servers, pki, tmp_
     image = make_image(tmp_path / "a.qcow2")
     for server in SERVERS:
         port = free_port()
-        servers(server, "-t", *tcp_args(port), *x509(pki.foreign_server, "sanity-check=off"), "-f", "qcow2", image)
+        s = servers(server, "-t", *tcp_args(port), *x509(pki.foreign_server, "sanity-check=off"), "-f", "qcow2",
+                    image)
         # clients trusting the CA in that folder cannot verify the server's certificate
         assert run("nbdinfo", "--size", nbds(port, pki.client), check=False).returncode != 0, server
+        s.stop()    # the image's write lock, for the next server
 
 
 # -- --image-opts ---------------------------------------------------------------------------------
@@ -497,11 +501,12 @@ def test_image_opts_serve_what_qemu_nbd_serves(servers, tmp_path, opts):
     seen = {}
     for server in SERVERS:
         sock = tmp_path / f"{server}.sock"
-        servers(server, "-t", "-k", sock, "--image-opts", opts.format(qcow2=qcow2, raw=raw))
+        s = servers(server, "-t", "-k", sock, "--image-opts", opts.format(qcow2=qcow2, raw=raw))
         uri = f"nbd+unix:///?socket={sock}"
         info = nbdinfo_json(uri)
         seen[server] = {k: info.get(k) for k in COMPARED}
         seen[server]["bytes"] = guest_view(uri, tmp_path / f"{server}.raw")
+        s.stop()    # the image's write lock, for the next server
     assert seen["nbdserve"] == seen["qemu-nbd"]
 
 

@@ -22,7 +22,7 @@ import trio
 
 from conftest import nbdserve_command, import_libnbd
 from nbdhelpers import MiB, file_bytes, make_raw, run, same_files, start_server
-from nbdserve.config import ExportConfig
+from nbdserve.config import ExportConfig, TlsConfig
 from tlscerts import Pki, make_pki
 
 
