@@ -241,7 +241,8 @@ def run(config: ServerConfig, *, announce: bool = True, quiet: bool = False,
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     from .config import (
-        ConfigError, ExportConfig, ServerConfig, check_delays, check_inject_errors, load_config,
+        ConfigError, ExportConfig, ServerConfig, check_bitmap_names, check_delays, check_inject_errors,
+        load_config,
     )
     if args.config is not None:
         if args.image is not None:
@@ -251,6 +252,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             ("-r", args.read_only or None), ("-f", args.format), ("--allocator", args.allocator),
             ("--delay", args.delay or None), ("--inject-error", args.inject_error or None),
             ("--description", args.description), ("--control", args.control), ("--tls", args.tls),
+            ("-B", args.bitmap or None),
             ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--tls-ca", args.tls_ca))
             if value is not None]
         if given:
@@ -277,6 +279,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                 raise ValueError(f"--inject-error {text!r}: expected EVENT=ERRNO[:once]")
             injections[event] = spec
         inject_errors = check_inject_errors("--inject-error", injections)
+        bitmaps = check_bitmap_names("-B", args.bitmap or [])
     except (ValueError, ConfigError) as e:
         raise CliError(f"serve: {e}", EXIT_USAGE) from None
     if args.port is not None and not 1 <= args.port <= 65535:
@@ -290,6 +293,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allocator=args.allocator or "fixed",
         delays=delays,
         inject_errors=inject_errors,
+        bitmaps=bitmaps,
     )
     config = ServerConfig(exports=[export], verbose=args.verbose)
     if args.control is not None:
@@ -508,6 +512,9 @@ def _serve_arguments(s: argparse.ArgumentParser) -> None:
                    help="fail this blkdebug event with ERRNO (repeatable; every time, or once), "
                         "e.g. l2_update=ENOSPC:once (qemu blkdebug's inject-error)")
     s.add_argument("--description", metavar="TEXT", help="export description shown to clients")
+    s.add_argument("-B", "--bitmap", action="append", metavar="NAME",
+                   help="offer the qcow2 persistent dirty bitmap NAME as the meta context "
+                        "qemu:dirty-bitmap:NAME (repeatable; qemu-nbd's -B)")
     s.add_argument("--control", metavar="SOCKET",
                    help="control socket for blkdebug breakpoints, delays and errors at run time (nbdserve ctl)")
     s.add_argument("-v", "--verbose", action="store_true", help="also log every request (connections are always logged)")

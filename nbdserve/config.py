@@ -21,6 +21,7 @@ The TOML file (see ``conf/nbdserve.example.toml``)::
     allocator = "fixed"           # or "qemu-1.1.2", "qemu-1.1.2+b7ab0fea"
     delay = { cow_read = 0.5 }    # blkdebug event -> seconds
     inject_error = { l2_update = "ENOSPC:once" }   # blkdebug event -> "ERRNO[:once]"
+    bitmaps = ["b0"]              # qcow2 persistent dirty bitmaps served as qemu:dirty-bitmap:NAME
 
 Every flaw is refused with a :class:`ConfigError` whose message starts with the
 key at fault, e.g. ``export[1].allocator: expected "fixed" or "qemu-1.1.2", got "foo"``
@@ -63,6 +64,7 @@ class ExportConfig:
     cache: str = "writeback"        # CACHE_MODES
     detect_zeroes: str = "off"      # DETECT_ZEROES
     snapshot: str | None = None     # serve this internal snapshot read-only (qemu-nbd -l: ID_OR_NAME, snapshot.id=/name=)
+    bitmaps: tuple[str, ...] = ()   # persistent dirty bitmaps offered as qemu:dirty-bitmap:NAME (qemu-nbd -B)
 
 
 @dataclass
@@ -132,6 +134,17 @@ def check_str(key: str, value: Any, *, nonempty: bool = False) -> str:
     if nonempty and not value:
         raise ConfigError(key, "must not be empty")
     return value
+
+
+def check_bitmap_names(key: str, value: Any) -> tuple[str, ...]:
+    """A list of bitmap names, each once."""
+    if not isinstance(value, list):
+        raise ConfigError(key, f"expected an array of bitmap names, got {_show(value)}")
+    names = tuple(check_str(f"{key}[{i}]", v, nonempty=True) for i, v in enumerate(value))
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(f"{key}[{i}]", f"bitmap {_show(name)} named twice")
+    return names
 
 
 def check_bool(key: str, value: Any) -> bool:
@@ -239,7 +252,8 @@ def _refuse_unknown(key: str, table: dict[str, Any], known: tuple[str, ...]) -> 
 
 SERVER_KEYS = ("bind", "port", "socket", "control", "verbose", "handshake_timeout", "max_connections", "tls")
 TLS_KEYS = ("cert", "key", "ca", "mode")
-EXPORT_KEYS = ("name", "image", "format", "read_only", "description", "allocator", "delay", "inject_error")
+EXPORT_KEYS = ("name", "image", "format", "read_only", "description", "allocator", "delay", "inject_error",
+               "bitmaps")
 
 
 def _resolve(base: str, path: str) -> str:
@@ -268,6 +282,8 @@ def _parse_export(i: int, table: Any, base: str) -> ExportConfig:
         export.delays = check_delays(f"{key}.delay", table["delay"])
     if "inject_error" in table:
         export.inject_errors = check_inject_errors(f"{key}.inject_error", table["inject_error"])
+    if "bitmaps" in table:
+        export.bitmaps = check_bitmap_names(f"{key}.bitmaps", table["bitmaps"])
     return export
 
 

@@ -25,7 +25,6 @@ REFUSED = {
     "connect": ("-c/--connect", "the kernel NBD device is not supported (use nbd-client)"),
     "disconnect": ("-d/--disconnect", "the kernel NBD device is not supported (use nbd-client -d)"),
     "list": ("-L/--list", "list mode (a client) is not supported (use nbdinfo --list)"),
-    "bitmap": ("-B/--bitmap", "nbdserve has no dirty bitmaps"),
     "object": ("--object", "QOM objects are not supported"),
     "tls_creds": ("--tls-creds", "not supported (use nbdserve serve --tls-cert/--tls-key)"),
     "tls_authz": ("--tls-authz", "not supported"),
@@ -77,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--connect", metavar="DEV", help=argparse.SUPPRESS)
     p.add_argument("-d", "--disconnect", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-L", "--list", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("-B", "--bitmap", action="append", help=argparse.SUPPRESS)
+    p.add_argument("-B", "--bitmap", action="append", metavar="NAME",
+                   help="also export the metadata context qemu:dirty-bitmap:NAME")
     p.add_argument("--object", action="append", help=argparse.SUPPRESS)
     p.add_argument("--tls-creds", help=argparse.SUPPRESS)
     p.add_argument("--tls-authz", help=argparse.SUPPRESS)
@@ -133,7 +133,8 @@ def config_from_args(args: argparse.Namespace):
         snapshot=args.load_snapshot, description=args.description or "",
         offset=_number("-o", args.offset), allocation_depth=args.allocation_depth,
         multi_conn=shared != 1,          # nbd/server.c: CAN_MULTI_CONN unless one client at a time
-        discard=discard, cache=cache, detect_zeroes=args.detect_zeroes or "off")
+        discard=discard, cache=cache, detect_zeroes=args.detect_zeroes or "off",
+        bitmaps=tuple(dict.fromkeys(args.bitmap or ())))
     config = ServerConfig(exports=[export], bind=args.bind or "0.0.0.0", port=port,
                           verbose=False, persistent=args.persistent,
                           max_connections=shared or 1 << 30, queue_when_full=True)

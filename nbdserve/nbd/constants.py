@@ -127,9 +127,10 @@ class Errno(IntEnum):
 
 
 class StateFlag(IntFlag):
-    """base:allocation descriptor flags."""
+    """base:allocation descriptor flags (and qemu:dirty-bitmap:NAME's, qemu's NBD_STATE_DIRTY)."""
     HOLE = 1 << 0
     ZERO = 1 << 1
+    DIRTY = 1 << 0
 
 
 CONTEXT_BASE_ALLOCATION = "base:allocation"

@@ -213,18 +213,18 @@ def _unsupported(option: int) -> OptionOutcome:
 
 
 def match_contexts(available: tuple[str, ...], queries: list[str], listing: bool) -> list[str]:
-    """The contexts a LIST/SET query selects.  An empty leaf ("base:") is a
-    wildcard for LIST and selects nothing for SET (proto.md: "The base: metadata
-    namespace"); unknown namespaces and leaves are ignored."""
+    """The contexts a LIST/SET query selects.  An empty leaf ("base:", "qemu:", and
+    qemu's "qemu:dirty-bitmap:") is a wildcard for LIST and selects nothing for SET
+    (proto.md: "The base: metadata namespace"; qemu nbd/server.c nbd_meta_qemu_query);
+    unknown namespaces and leaves are ignored."""
     if not queries:
         return list(available) if listing else []
     selected: list[str] = []
     for query in queries:
-        namespace, colon, leaf = query.partition(":")
-        if not colon:
+        if ":" not in query:
             continue
-        if leaf == "":
-            matches = [n for n in available if n.startswith(namespace + ":")] if listing else []
+        if query.endswith(":"):
+            matches = [n for n in available if n.startswith(query)] if listing else []
         else:
             matches = [query] if query in available else []
         selected += [m for m in matches if m not in selected]

@@ -115,7 +115,7 @@ class Session:
 
         async def run_request(request: Request) -> None:
             try:
-                await execute(request, device, structured, negotiated.meta_contexts, send)
+                await execute(request, device, structured, negotiated.meta_contexts, send, export.bitmaps)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
                 self._log_lost(e)   # the client is gone
                 nursery.cancel_scope.cancel()
