@@ -252,7 +252,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             ("-r", args.read_only or None), ("-f", args.format), ("--allocator", args.allocator),
             ("--delay", args.delay or None), ("--inject-error", args.inject_error or None),
             ("--description", args.description), ("--control", args.control), ("--tls", args.tls),
-            ("-B", args.bitmap or None),
+            ("-B", args.bitmap or None), ("--no-extended-headers", args.no_extended_headers or None),
             ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--tls-ca", args.tls_ca))
             if value is not None]
         if given:
@@ -295,7 +295,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         inject_errors=inject_errors,
         bitmaps=bitmaps,
     )
-    config = ServerConfig(exports=[export], verbose=args.verbose)
+    config = ServerConfig(exports=[export], verbose=args.verbose, extended_headers=not args.no_extended_headers)
     if args.control is not None:
         config.control = os.path.abspath(args.control)
     if args.socket is not None:
@@ -517,6 +517,8 @@ def _serve_arguments(s: argparse.ArgumentParser) -> None:
                         "qemu:dirty-bitmap:NAME (repeatable; qemu-nbd's -B)")
     s.add_argument("--control", metavar="SOCKET",
                    help="control socket for blkdebug breakpoints, delays and errors at run time (nbdserve ctl)")
+    s.add_argument("--no-extended-headers", action="store_true",
+                   help="refuse NBD_OPT_EXTENDED_HEADERS (clients then use 32-bit lengths)")
     s.add_argument("-v", "--verbose", action="store_true", help="also log every request (connections are always logged)")
     s.add_argument("--tls-cert", metavar="FILE", help="TLS: the server's certificate (PEM)")
     s.add_argument("--tls-key", metavar="FILE", help="TLS: the certificate's private key (PEM)")

@@ -10,6 +10,7 @@ The TOML file (see ``conf/nbdserve.example.toml``)::
     verbose = false
     handshake_timeout = 10.0
     max_connections = 1000
+    extended_headers = true   # offer NBD extended headers (64-bit lengths); false: refuse them
     tls = { cert = "server-cert.pem", key = "server-key.pem", ca = "ca-cert.pem", mode = "require" }
 
     [[export]]
@@ -91,6 +92,7 @@ class ServerConfig:
     listen_fds: tuple[int, ...] = ()  # listening sockets handed over (systemd socket activation)
     persistent: bool = True         # False: exit once the last client that negotiated leaves (qemu-nbd without -t)
     queue_when_full: bool = False   # at max_connections: leave new clients waiting (qemu-nbd -e), not refused
+    extended_headers: bool = True   # offer NBD_OPT_EXTENDED_HEADERS (64-bit lengths); False: refused
 
 
 class ConfigError(ValueError):
@@ -250,7 +252,8 @@ def _refuse_unknown(key: str, table: dict[str, Any], known: tuple[str, ...]) -> 
 
 # -- the TOML file ------------------------------------------------------------------------------
 
-SERVER_KEYS = ("bind", "port", "socket", "control", "verbose", "handshake_timeout", "max_connections", "tls")
+SERVER_KEYS = ("bind", "port", "socket", "control", "verbose", "handshake_timeout", "max_connections", "tls",
+               "extended_headers")
 TLS_KEYS = ("cert", "key", "ca", "mode")
 EXPORT_KEYS = ("name", "image", "format", "read_only", "description", "allocator", "delay", "inject_error",
                "bitmaps")
@@ -343,6 +346,8 @@ def parse_config(data: dict[str, Any], base_dir: str) -> ServerConfig:
         config.max_connections = check_int("server.max_connections", server["max_connections"], 1)
     if "tls" in server:
         config.tls = _parse_tls(server["tls"], base)
+    if "extended_headers" in server:
+        config.extended_headers = check_bool("server.extended_headers", server["extended_headers"])
     return config
 
 

@@ -137,7 +137,8 @@ def config_from_args(args: argparse.Namespace):
         bitmaps=tuple(dict.fromkeys(args.bitmap or ())))
     config = ServerConfig(exports=[export], bind=args.bind or "0.0.0.0", port=port,
                           verbose=False, persistent=args.persistent,
-                          max_connections=shared or 1 << 30, queue_when_full=True)
+                          max_connections=shared or 1 << 30, queue_when_full=True,
+                          extended_headers=False)   # qemu-nbd 7.2 refuses NBD_OPT_EXTENDED_HEADERS
     if args.socket is not None:          # nbd_build_socket_address: the socket wins over -b/-p
         config.unix_socket, config.bind = args.socket, None
     given = [flag for flag, value in (("-k", args.socket), ("-b", args.bind), ("-p", args.port))

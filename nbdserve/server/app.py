@@ -102,7 +102,8 @@ class _Server:
                 return
         log.info("%s: connected", peer)
         session = Session(stream, peer, self.exports, self.catalog, self.config.handshake_timeout,
-                          self.config.verbose, self.tls_mode, self.tls_context)
+                          self.config.verbose, self.tls_mode, self.tls_context,
+                          extended_headers=self.config.extended_headers)
         self.sessions.add(session)
         refusals = Refusals()
         CONNECTION_REFUSALS.set(refusals)   # this task's context, copied into its request tasks
