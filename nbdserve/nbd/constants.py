@@ -139,3 +139,4 @@ class StateFlag(IntFlag):
 
 CONTEXT_BASE_ALLOCATION = "base:allocation"
 CONTEXT_QEMU_ALLOCATION_DEPTH = "qemu:allocation-depth"
+CONTEXT_QEMU_DIRTY_BITMAP = "qemu:dirty-bitmap:"   # + the bitmap's name (qemu nbd/server.c)

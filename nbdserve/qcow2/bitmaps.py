@@ -37,7 +37,6 @@ MAX_TABLE_SIZE = 0x8000000           # qemu: BME_MAX_TABLE_SIZE
 MAX_PHYS_SIZE = 0x20000000           # qemu: BME_MAX_PHYS_SIZE
 MIN_GRANULARITY_BITS, MAX_GRANULARITY_BITS = 9, 31
 MAX_NAME_SIZE = 1023
-CONTEXT_PREFIX = "qemu:dirty-bitmap:"   # qemu nbd/server.c: the NBD meta context of a bitmap
 
 _NONZERO = re.compile(b"[^\x00]")
 _NOT_FF = re.compile(b"[^\xff]")

@@ -6,16 +6,19 @@ import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
+from typing import TYPE_CHECKING
 
 from ..blockdev import BlockDevice, Extent, ReadChunk, materialize
 from ..nbd import (CONTEXT_BASE_ALLOCATION, BlockStatus, Command, CommandFlag, Errno, ErrorChunk, NoneChunk,
                    OffsetData, OffsetHole, Request, SimpleReply, StateFlag)
-from ..qcow2.bitmaps import DirtyBitmap
 from .exports import nbd_errno
+
+if TYPE_CHECKING:
+    from ..qcow2.bitmaps import DirtyBitmap
 
 log = logging.getLogger("nbdserve.server")
 Send = Callable[[object], Awaitable[None]]
-Bitmaps = dict[str, DirtyBitmap]
+Bitmaps = dict[str, "DirtyBitmap"]
 MAX_DESCRIPTORS = 1 << 16    # proto.md: the server MAY return fewer descriptors than asked
 
 

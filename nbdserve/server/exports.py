@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -11,9 +12,11 @@ from ..blockdev import BlockDevice
 from ..config import ExportConfig
 from ..images import ImageError, open_image
 from ..nbd import ExportInfo, TransmissionFlag as TF
-from ..nbd.constants import CONTEXT_QEMU_ALLOCATION_DEPTH, Errno
+from ..nbd.constants import CONTEXT_QEMU_ALLOCATION_DEPTH, CONTEXT_QEMU_DIRTY_BITMAP, Errno
 from ..nbd.exports import ALL_CONTEXTS
-from ..qcow2.bitmaps import CONTEXT_PREFIX, DirtyBitmap
+
+if TYPE_CHECKING:
+    from ..qcow2.bitmaps import DirtyBitmap
 
 
 def export_info(name: str, device: BlockDevice, description: str = "", *,
@@ -43,7 +46,7 @@ def export_info(name: str, device: BlockDevice, description: str = "", *,
     contexts = ALL_CONTEXTS if device.can_extents() else ()
     if not allocation_depth:
         contexts = tuple(c for c in contexts if c != CONTEXT_QEMU_ALLOCATION_DEPTH)
-    contexts += tuple(CONTEXT_PREFIX + b for b in bitmaps)
+    contexts += tuple(CONTEXT_QEMU_DIRTY_BITMAP + b for b in bitmaps)
     return ExportInfo(name=name, size=device.size, flags=flags, description=description, meta_contexts=contexts)
 
 
@@ -89,7 +92,7 @@ def _export(config: ExportConfig, device: BlockDevice) -> Export:
     return Export(config, device, export_info(config.name, device, config.description,
                                               allocation_depth=config.allocation_depth,
                                               multi_conn=config.multi_conn, bitmaps=config.bitmaps),
-                  {CONTEXT_PREFIX + b.name: b for b in bitmaps})
+                  {CONTEXT_QEMU_DIRTY_BITMAP + b.name: b for b in bitmaps})
 
 
 def _find_bitmaps(config: ExportConfig, device: BlockDevice) -> list[DirtyBitmap]:
