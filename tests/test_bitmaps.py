@@ -306,3 +306,27 @@ def test_bitmap_runs_follow_the_marked_granules():
             pos = end
         assert bm.runs(o, n, 1 << 20) == want
         assert bm.runs(o, n, 1) == want[:1]
+
+
+def test_bitmap_of_a_backing_file_is_served_as_qemu_nbd_serves_it(nbdserve, tmp_path):
+    """qemu-nbd -B looks for the bitmap down the backing chain (nbd_export_create)."""
+    base = make_image(tmp_path / "base.qcow2")
+    run("qemu-io", "-f", "qcow2", "-c", "write 5M 4k", base)      # qemu dirties and stores b0
+    top = tmp_path / "top.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+    s = nbdserve("serve", "-r", "-f", "qcow2", "-B", "b0", top)
+    ours = bitmap_map(s.uri, "b0")
+    assert s.stop() == 0, s.stderr
+    q = QemuNbd(QEMU_NBD, tmp_path, "-r", "-f", "qcow2", "-B", "b0", top)
+    assert bitmap_map(q.uri, "b0") == ours == expected_map(64 << 10, [(5 * MiB, 4096)])
+    q.stop()
+
+
+def test_bitmap_and_extended_headers_flags_are_refused_with_config(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(f'[server]\nextended_headers = false\n[[export]]\nimage = "{tmp_path / "a.qcow2"}"\n'
+                      'bitmaps = ["b0"]\n')
+    for flag in (["-B", "b0"], ["--no-extended-headers"]):
+        p = run(NBDSERVE, "serve", "--config", config, *flag, check=False)
+        assert p.returncode == 2 and p.stderr == (f"nbdserve: error: serve: {flag[0]} cannot be combined with "
+                                                  "--config (set them in the config file)\n"), p

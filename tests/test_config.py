@@ -30,6 +30,7 @@ def test_full_config(tmp_path):
         verbose = true
         handshake_timeout = 2.5
         max_connections = 7
+        extended_headers = false
 
         [[export]]
         name = "disk"
@@ -54,7 +55,7 @@ def test_full_config(tmp_path):
             ExportConfig(name="abs", image="/srv/raw.img"),
         ],
         bind="0.0.0.0", port=10999, unix_socket=str(sub / "run" / "nbd.sock"),
-        verbose=True, handshake_timeout=2.5, max_connections=7,
+        verbose=True, handshake_timeout=2.5, max_connections=7, extended_headers=False,
     )
 
 
@@ -170,6 +171,7 @@ REFUSALS = [
     ('[[export]]\nimage = "a"\ndelay = { cow_read = inf }\n', "export[0].delay.cow_read", "finite"),
     ('[[export]]\nimage = "a"\ndelay = { "" = 1 }\n', "export[0].delay", "event name must not be empty"),
     ('[[export]]\nimage = "a"\nreadonly = true\n', "export[0].readonly", "unknown key"),
+    ('[server]\nextended_headers = 1\n' + GOOD_EXPORT, "server.extended_headers", "expected true or false, got 1"),
     ('[[export]]\nimage = "a"\nbitmaps = "b0"\n', "export[0].bitmaps", 'expected an array of bitmap names, got "b0"'),
     ('[[export]]\nimage = "a"\nbitmaps = ["b0", 1]\n', "export[0].bitmaps[1]", "expected a string, got 1"),
     ('[[export]]\nimage = "a"\nbitmaps = [""]\n', "export[0].bitmaps[0]", "must not be empty"),
