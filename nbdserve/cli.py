@@ -246,7 +246,8 @@ def run(config: ServerConfig, *, announce: bool = True, quiet: bool = False,
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     from .config import (
-        ConfigError, ExportConfig, ServerConfig, check_delays, check_inject_errors, load_config,
+        ConfigError, ExportConfig, ServerConfig, check_bitmap_names, check_delays, check_inject_errors,
+        load_config,
     )
     if args.config is not None:
         if args.image is not None:
@@ -256,6 +257,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             ("-r", args.read_only or None), ("-f", args.format), ("--allocator", args.allocator),
             ("--delay", args.delay or None), ("--inject-error", args.inject_error or None),
             ("--description", args.description), ("--control", args.control), ("--tls", args.tls),
+            ("-B", args.bitmap or None), ("--no-extended-headers", args.no_extended_headers or None),
             ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--tls-ca", args.tls_ca),
             ("--tls-authz-identity", args.tls_authz_identity),
             ("--backing-root", args.backing_root), ("--no-backing", args.no_backing or None),
@@ -285,6 +287,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                 raise ValueError(f"--inject-error {text!r}: expected EVENT=ERRNO[:once]")
             injections[event] = spec
         inject_errors = check_inject_errors("--inject-error", injections)
+        bitmaps = check_bitmap_names("-B", args.bitmap or [])
     except (ValueError, ConfigError) as e:
         raise CliError(f"serve: {e}", EXIT_USAGE) from None
     if args.port is not None and not 0 <= args.port <= 65535:   # 0: any free port, printed once bound
@@ -301,8 +304,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         backing_root=os.path.abspath(args.backing_root) if args.backing_root is not None else None,
         no_backing=args.no_backing,
         force_share=args.force_share,
+        bitmaps=bitmaps,
     )
-    config = ServerConfig(exports=[export], verbose=args.verbose)
+    config = ServerConfig(exports=[export], verbose=args.verbose, extended_headers=not args.no_extended_headers)
     if args.control is not None:
         config.control = os.path.abspath(args.control)
     if args.socket is not None:
@@ -523,6 +527,9 @@ def _serve_arguments(s: argparse.ArgumentParser) -> None:
                    help="fail this blkdebug event with ERRNO (repeatable; every time, or once), "
                         "e.g. l2_update=ENOSPC:once (qemu blkdebug's inject-error)")
     s.add_argument("--description", metavar="TEXT", help="export description shown to clients")
+    s.add_argument("-B", "--bitmap", action="append", metavar="NAME",
+                   help="offer the qcow2 persistent dirty bitmap NAME as the meta context "
+                        "qemu:dirty-bitmap:NAME (repeatable; qemu-nbd's -B)")
     s.add_argument("--control", metavar="SOCKET",
                    help="control socket for blkdebug breakpoints, delays and errors at run time (nbdserve ctl)")
     s.add_argument("--backing-root", metavar="DIR",
@@ -530,6 +537,8 @@ def _serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--no-backing", action="store_true", help="refuse an image that has a backing file")
     s.add_argument("-U", "--force-share", action="store_true",
                    help="serve read-only, sharing the image with a writer (qemu-img -U's locks)")
+    s.add_argument("--no-extended-headers", action="store_true",
+                   help="refuse NBD_OPT_EXTENDED_HEADERS (clients then use 32-bit lengths)")
     s.add_argument("-v", "--verbose", action="store_true", help="also log every request (connections are always logged)")
     s.add_argument("--tls-cert", metavar="FILE", help="TLS: the server's certificate (PEM)")
     s.add_argument("--tls-key", metavar="FILE", help="TLS: the certificate's private key (PEM)")

@@ -10,6 +10,7 @@ The TOML file (see ``conf/nbdserve.example.toml``)::
     verbose = false
     handshake_timeout = 10.0
     max_connections = 1000
+    extended_headers = true   # offer NBD extended headers (64-bit lengths); false: refuse them
     tls = { cert = "server-cert.pem", key = "server-key.pem", ca = "ca-cert.pem", mode = "require" }
     # tls identity = "C=GB,O=Org,CN=client": only the client certificate with this subject (needs ca)
 
@@ -25,6 +26,7 @@ The TOML file (see ``conf/nbdserve.example.toml``)::
     backing_root = "images"       # every backing file must resolve inside this folder
     no_backing = false            # true: refuse images that have a backing file
     force_share = false           # true: read-only, sharing the image like qemu-img -U
+    bitmaps = ["b0"]              # qcow2 persistent dirty bitmaps served as qemu:dirty-bitmap:NAME
 
 Every flaw is refused with a :class:`ConfigError` whose message starts with the
 key at fault, e.g. ``export[1].allocator: expected "fixed" or "qemu-1.1.2", got "foo"``
@@ -70,6 +72,7 @@ class ExportConfig:
     backing_root: str | None = None  # absolute path: every backing file must resolve inside it
     no_backing: bool = False        # refuse any backing file
     force_share: bool = False       # qemu-img -U: read-only, taking no lock that conflicts with a writer
+    bitmaps: tuple[str, ...] = ()   # persistent dirty bitmaps offered as qemu:dirty-bitmap:NAME (qemu-nbd -B)
 
 
 @dataclass
@@ -97,6 +100,7 @@ class ServerConfig:
     listen_fds: tuple[int, ...] = ()  # listening sockets handed over (systemd socket activation)
     persistent: bool = True         # False: exit once the last client that negotiated leaves (qemu-nbd without -t)
     queue_when_full: bool = False   # at max_connections: leave new clients waiting (qemu-nbd -e), not refused
+    extended_headers: bool = True   # offer NBD_OPT_EXTENDED_HEADERS (64-bit lengths); False: refused
 
 
 class ConfigError(ValueError):
@@ -140,6 +144,17 @@ def check_str(key: str, value: Any, *, nonempty: bool = False) -> str:
     if nonempty and not value:
         raise ConfigError(key, "must not be empty")
     return value
+
+
+def check_bitmap_names(key: str, value: Any) -> tuple[str, ...]:
+    """A list of bitmap names, each once."""
+    if not isinstance(value, list):
+        raise ConfigError(key, f"expected an array of bitmap names, got {_show(value)}")
+    names = tuple(check_str(f"{key}[{i}]", v, nonempty=True) for i, v in enumerate(value))
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(f"{key}[{i}]", f"bitmap {_show(name)} named twice")
+    return names
 
 
 def check_bool(key: str, value: Any) -> bool:
@@ -245,10 +260,11 @@ def _refuse_unknown(key: str, table: dict[str, Any], known: tuple[str, ...]) -> 
 
 # -- the TOML file ------------------------------------------------------------------------------
 
-SERVER_KEYS = ("bind", "port", "socket", "control", "verbose", "handshake_timeout", "max_connections", "tls")
+SERVER_KEYS = ("bind", "port", "socket", "control", "verbose", "handshake_timeout", "max_connections", "tls",
+               "extended_headers")
 TLS_KEYS = ("cert", "key", "ca", "identity", "mode")
 EXPORT_KEYS = ("name", "image", "format", "read_only", "description", "allocator", "delay", "inject_error",
-               "backing_root", "no_backing", "force_share")
+               "backing_root", "no_backing", "force_share", "bitmaps")
 
 
 def _resolve(base: str, path: str) -> str:
@@ -284,6 +300,8 @@ def _parse_export(i: int, table: Any, base: str) -> ExportConfig:
         export.no_backing = check_bool(f"{key}.no_backing", table["no_backing"])
     if "force_share" in table:
         export.force_share = check_bool(f"{key}.force_share", table["force_share"])
+    if "bitmaps" in table:
+        export.bitmaps = check_bitmap_names(f"{key}.bitmaps", table["bitmaps"])
     return export
 
 
@@ -347,6 +365,8 @@ def parse_config(data: dict[str, Any], base_dir: str) -> ServerConfig:
         config.max_connections = check_int("server.max_connections", server["max_connections"], 1)
     if "tls" in server:
         config.tls = _parse_tls(server["tls"], base)
+    if "extended_headers" in server:
+        config.extended_headers = check_bool("server.extended_headers", server["extended_headers"])
     return config
 
 

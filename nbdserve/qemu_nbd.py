@@ -25,7 +25,6 @@ REFUSED = {
     "connect": ("-c/--connect", "the kernel NBD device is not supported (use nbd-client)"),
     "disconnect": ("-d/--disconnect", "the kernel NBD device is not supported (use nbd-client -d)"),
     "list": ("-L/--list", "list mode (a client) is not supported (use nbdinfo --list)"),
-    "bitmap": ("-B/--bitmap", "nbdserve has no dirty bitmaps"),
     "tls_hostname": ("--tls-hostname", "not supported (list mode only in qemu-nbd)"),
     "trace": ("-T/--trace", "qemu trace events are not supported"),
     "selinux_label": ("--selinux-label", "not supported"),
@@ -73,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--connect", metavar="DEV", help=argparse.SUPPRESS)
     p.add_argument("-d", "--disconnect", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-L", "--list", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("-B", "--bitmap", action="append", help=argparse.SUPPRESS)
+    p.add_argument("-B", "--bitmap", action="append", metavar="NAME",
+                   help="also export the metadata context qemu:dirty-bitmap:NAME")
     p.add_argument("--object", action="append", default=[], metavar="TYPE,id=ID,...",
                    help="tls-creds-x509,id=ID,dir=DIR,endpoint=server[,verify-peer=on|off] or "
                         "authz-simple,id=ID,identity=DN")
@@ -152,10 +152,12 @@ def config_from_args(args: argparse.Namespace):
         snapshot=args.load_snapshot, description=args.description or "",
         offset=_number("-o", args.offset), allocation_depth=args.allocation_depth,
         multi_conn=shared != 1,          # nbd/server.c: CAN_MULTI_CONN unless one client at a time
-        discard=discard, cache=cache, detect_zeroes=args.detect_zeroes or "off")
+        discard=discard, cache=cache, detect_zeroes=args.detect_zeroes or "off",
+        bitmaps=tuple(dict.fromkeys(args.bitmap or ())))
     config = ServerConfig(exports=[export], bind=args.bind or "0.0.0.0", port=port,
                           verbose=False, persistent=args.persistent,
-                          max_connections=shared or 1 << 30, queue_when_full=True, tls=tls)
+                          max_connections=shared or 1 << 30, queue_when_full=True, tls=tls,
+                          extended_headers=False)   # qemu-nbd 7.2 refuses NBD_OPT_EXTENDED_HEADERS
     if args.socket is not None:          # nbd_build_socket_address: the socket wins over -b/-p
         config.unix_socket, config.bind = args.socket, None
     given = [flag for flag, value in (("-k", args.socket), ("-b", args.bind), ("-p", args.port))

@@ -30,6 +30,7 @@ def test_full_config(tmp_path):
         verbose = true
         handshake_timeout = 2.5
         max_connections = 7
+        extended_headers = false
 
         [[export]]
         name = "disk"
@@ -39,6 +40,7 @@ def test_full_config(tmp_path):
         description = "a disk"
         allocator = "qemu-1.1.2"
         delay = { cow_read = 0.5, cow_write = 1 }
+        bitmaps = ["b0", "backup-1"]
 
         [[export]]
         name = "abs"
@@ -49,11 +51,11 @@ def test_full_config(tmp_path):
         exports=[
             ExportConfig(name="disk", image=str(sub / "images" / "disk.qcow2"), format="qcow2",
                          read_only=True, description="a disk", allocator="qemu-1.1.2",
-                         delays={"cow_read": 0.5, "cow_write": 1.0}),
+                         delays={"cow_read": 0.5, "cow_write": 1.0}, bitmaps=("b0", "backup-1")),
             ExportConfig(name="abs", image="/srv/raw.img"),
         ],
         bind="0.0.0.0", port=10999, unix_socket=str(sub / "run" / "nbd.sock"),
-        verbose=True, handshake_timeout=2.5, max_connections=7,
+        verbose=True, handshake_timeout=2.5, max_connections=7, extended_headers=False,
     )
 
 
@@ -181,6 +183,11 @@ REFUSALS = [
     ('[[export]]\nimage = "a"\ndelay = { cow_read = inf }\n', "export[0].delay.cow_read", "finite"),
     ('[[export]]\nimage = "a"\ndelay = { "" = 1 }\n', "export[0].delay", "event name must not be empty"),
     ('[[export]]\nimage = "a"\nreadonly = true\n', "export[0].readonly", "unknown key"),
+    ('[server]\nextended_headers = 1\n' + GOOD_EXPORT, "server.extended_headers", "expected true or false, got 1"),
+    ('[[export]]\nimage = "a"\nbitmaps = "b0"\n', "export[0].bitmaps", 'expected an array of bitmap names, got "b0"'),
+    ('[[export]]\nimage = "a"\nbitmaps = ["b0", 1]\n', "export[0].bitmaps[1]", "expected a string, got 1"),
+    ('[[export]]\nimage = "a"\nbitmaps = [""]\n', "export[0].bitmaps[0]", "must not be empty"),
+    ('[[export]]\nimage = "a"\nbitmaps = ["b0", "b0"]\n', "export[0].bitmaps[1]", 'bitmap "b0" named twice'),
     ('[server]\ntls = "yes"\n' + GOOD_EXPORT, "server.tls", "expected a table"),
     ('[server]\ntls = { key = "k.pem" }\n' + GOOD_EXPORT, "server.tls.cert", "missing"),
     ('[server]\ntls = { cert = "c.pem" }\n' + GOOD_EXPORT, "server.tls.key", "missing"),

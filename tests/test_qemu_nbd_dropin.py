@@ -201,7 +201,7 @@ def test_cache_modes_serve_the_same_data(servers, tmp_path, cache):
 
 @pytest.mark.parametrize("flags, named", [
     (["-c", "/dev/nbd0"], "-c/--connect"), (["-d"], "-d/--disconnect"), (["-L"], "-L/--list"),
-    (["-B", "b0"], "-B/--bitmap"), (["--tls-hostname", "h"], "--tls-hostname"),
+    (["--tls-hostname", "h"], "--tls-hostname"),
     (["--aio", "native"], "--aio native"),
     (["--aio", "io_uring"], "--aio io_uring"), (["-f", "vmdk"], "-f vmdk"), (["-k", "rel.sock"], "-k"),
     (["--detect-zeroes", "unmap"], "--detect-zeroes unmap"), (["-n", "--cache", "none"], "-n and --cache"),

@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import struct
 import subprocess
 
 import pytest
 
-from conftest import NbdserveProcess, free_port, import_libnbd, nbdserve_command
+from conftest import free_port, import_libnbd, nbdserve_command
 from test_nbd_core import IHAVEOPT, NBDMAGIC, OPT, info_payload, option
 
 MiB = 1 << 20

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from . import wire
 from ._state import EOF_IS_CLEAN, TRANSMISSION, State, StateMachine, Trigger
-from .constants import (IHAVEOPT, REQUEST_MAGIC, ClientFlag, Command, CommandFlag, Errno, HandshakeFlag,
-                        Option)
+from .constants import (EXTENDED_REQUEST_MAGIC, IHAVEOPT, REQUEST_MAGIC, ClientFlag, Command, CommandFlag,
+                        Errno, HandshakeFlag, Option)
 from .errors import LocalProtocolError, ProtocolError
 from .events import NEED_DATA, Disconnect, Negotiated, Request, StartTLS
 from .exports import ExportCatalog, ExportInfo
@@ -43,9 +43,11 @@ SERVER_HANDSHAKE_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
 
 class ServerConnection:
     def __init__(self, catalog: ExportCatalog, *, max_option_length: int = MAX_OPTION_LENGTH,
-                 tls_mode: TlsMode = TlsMode.OFF):
+                 tls_mode: TlsMode = TlsMode.OFF, extended_headers: bool = True):
+        """``extended_headers`` False: NBD_OPT_EXTENDED_HEADERS is refused (NBD_REP_ERR_UNSUP)."""
         self._machine = StateMachine()
-        self._negotiation = Negotiation(catalog, tls_mode=tls_mode)
+        self._negotiation = Negotiation(catalog, tls_mode=tls_mode, offer_extended_headers=extended_headers)
+        self._request_header, self._request_magic = wire.REQUEST_HEADER, REQUEST_MAGIC
         self._max_option_length = max_option_length
         self._buffer = bytearray()
         self._eof = False
@@ -200,26 +202,41 @@ class ServerConnection:
         n = self._negotiation
         self.export = export
         self.negotiated = Negotiated(export=export, flags=n.export_flags(export),
-                                     structured_replies=n.structured_replies,
+                                     structured_replies=n.chunked_replies,
                                      meta_contexts=dict(n.meta_contexts), options=tuple(n.options_seen),
-                                     tls=n.tls)
-        self.replies = ReplyEncoder(n.structured_replies)
-        self._check = RequestChecker(export, self.negotiated.flags, bool(self.negotiated.meta_contexts))
+                                     tls=n.tls, extended_headers=n.extended_headers)
+        self.replies = ReplyEncoder(n.chunked_replies, extended=n.extended_headers)
+        self._check = RequestChecker(export, self.negotiated.flags, bool(self.negotiated.meta_contexts),
+                                     n.extended_headers)
+        if n.extended_headers:
+            self._request_header, self._request_magic = wire.EXTENDED_REQUEST_HEADER, EXTENDED_REQUEST_MAGIC
         self._machine.fire(Trigger.GO)
         return self.negotiated
 
     def _read_request_header(self):
-        size = wire.REQUEST_HEADER.size
-        if len(self._buffer) < size:
-            return self._need(size)
-        magic, flags, command, cookie, offset, length = wire.REQUEST_HEADER.unpack(self._take(size))
-        if magic != REQUEST_MAGIC:
+        header = self._request_header
+        if len(self._buffer) < header.size:
+            if len(self._buffer) >= 4 and int.from_bytes(self._buffer[:4], "big") != self._request_magic:
+                # e.g. a 28-byte compact header under extended headers: fail now, not at the next one
+                raise ProtocolError(f"bad request magic {int.from_bytes(self._buffer[:4], 'big'):#x}")
+            return self._need(header.size)
+        magic, flags, command, cookie, offset, length = header.unpack(self._take(header.size))
+        if magic != self._request_magic:
             raise ProtocolError(f"bad request magic {magic:#x}")
         if command == Command.DISC:
             return self._close("disc")
+        # proto.md (extension-ext-header): with extended headers a payload follows iff
+        # PAYLOAD_LEN is set, which NBD_CMD_WRITE "MUST use"; qemu (10.0) sends its writes
+        # without it, and qemu's server reads a write's payload either way: so do we
+        has_payload = command == Command.WRITE
+        if header is not wire.REQUEST_HEADER:
+            has_payload = has_payload or bool(flags & CommandFlag.PAYLOAD_LEN)
+            if has_payload and length > self.export.max_block:
+                # "SHOULD initiate hard disconnect" rather than read a payload that large
+                raise ProtocolError(f"payload of {length} bytes above the maximum of {self.export.max_block}")
         error, reason = self._check(command, flags, offset, length)
-        if command == Command.WRITE:
-            if error == Errno.OK:
+        if has_payload:
+            if error == Errno.OK and command == Command.WRITE:
                 self._write, self._pending = (cookie, flags, offset, length), length
                 self._machine.fire(Trigger.WRITE_HEADER)
                 return None
@@ -228,7 +245,7 @@ class ServerConnection:
         else:
             self._machine.fire(Trigger.REQUEST_DONE)
         command = _COMMANDS.get(command, command)
-        self.replies.expect(cookie, command, length)
+        self.replies.expect(cookie, command, length, offset)
         return Request(cookie, command, _command_flags(flags), offset, length, None, error, reason)
 
     def _read_write_payload(self):
@@ -238,7 +255,7 @@ class ServerConnection:
         data = self._take(length)
         self._write, self._pending = None, 0
         self._machine.fire(Trigger.REQUEST_DONE)
-        self.replies.expect(cookie, Command.WRITE, length)
+        self.replies.expect(cookie, Command.WRITE, length, offset)
         return Request(cookie, Command.WRITE, _command_flags(flags), offset, length, data)
 
     def _discard_write(self):

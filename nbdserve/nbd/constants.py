@@ -10,6 +10,9 @@ OPTION_REPLY_MAGIC = 0x3E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
+# proto.md (extension-ext-header): "Request message", "Extended reply chunk message"
+EXTENDED_REQUEST_MAGIC = 0x21E41C71
+EXTENDED_REPLY_MAGIC = 0x6E8A278C
 
 MAX_STRING = 4096                      # proto.md: "MUST be no longer than 4096 bytes"
 
@@ -109,6 +112,7 @@ class ChunkType(IntEnum):
     OFFSET_DATA = 1
     OFFSET_HOLE = 2
     BLOCK_STATUS = 5
+    BLOCK_STATUS_EXT = 6
     ERROR = (1 << 15) + 1
     ERROR_OFFSET = (1 << 15) + 2
 
@@ -127,10 +131,12 @@ class Errno(IntEnum):
 
 
 class StateFlag(IntFlag):
-    """base:allocation descriptor flags."""
+    """base:allocation descriptor flags (and qemu:dirty-bitmap:NAME's, qemu's NBD_STATE_DIRTY)."""
     HOLE = 1 << 0
     ZERO = 1 << 1
+    DIRTY = 1 << 0
 
 
 CONTEXT_BASE_ALLOCATION = "base:allocation"
 CONTEXT_QEMU_ALLOCATION_DEPTH = "qemu:allocation-depth"
+CONTEXT_QEMU_DIRTY_BITMAP = "qemu:dirty-bitmap:"   # + the bitmap's name (qemu nbd/server.c)

@@ -25,10 +25,11 @@ class Negotiated:
 
     export: ExportInfo
     flags: int                       # transmission flags as sent to the client
-    structured_replies: bool
+    structured_replies: bool         # replies are chunks: structured replies or extended headers
     meta_contexts: dict[int, str]    # selected context id -> name
     options: tuple[str, ...]         # option names seen, in order (for logging)
     tls: bool = False                # negotiated (and transmission runs) over TLS
+    extended_headers: bool = False   # 32-byte request and reply headers, 64-bit lengths
 
 
 @dataclass(frozen=True)

@@ -62,19 +62,27 @@ class Negotiation:
 
     catalog: ExportCatalog
     tls_mode: TlsMode = TlsMode.OFF
+    offer_extended_headers: bool = True             # False: NBD_OPT_EXTENDED_HEADERS is unsupported
     tls: bool = False                               # STARTTLS acknowledged
     tls_refused: bool = False                       # an option was refused because TLS had not started
     client_flags: ClientFlag = ClientFlag(0)
     structured_replies: bool = False
+    extended_headers: bool = False                  # NBD_OPT_EXTENDED_HEADERS acknowledged
     meta_export: str | None = None                  # export SET_META_CONTEXT named
     meta_contexts: dict[int, str] = field(default_factory=dict)
     options_seen: list[str] = field(default_factory=list)
 
+    @property
+    def chunked_replies(self) -> bool:
+        """Replies are chunks (structured or extended): reply payloads and meta contexts may be used."""
+        return self.structured_replies or self.extended_headers
+
     def export_flags(self, export: ExportInfo) -> int:
         flags = export.flags
-        if not self.structured_replies:
+        if not self.chunked_replies:
             flags &= ~int(TransmissionFlag.SEND_DF)   # proto.md: "NBD_FLAG_SEND_DF" MUST be clear
-        return int(flags)
+        # proto.md: BLOCK_STATUS_PAYLOAD only after extended headers (its payload form is not served)
+        return int(flags) & ~int(TransmissionFlag.BLOCK_STATUS_PAYLOAD)
 
     def handle(self, option: int, payload: bytes) -> OptionOutcome:
         self.options_seen.append(option_name(option))
@@ -82,7 +90,7 @@ class Negotiation:
         if refusal is not None:
             return refusal
         handler = _HANDLERS.get(option)
-        if handler is None:   # EXTENDED_HEADERS, PEEK_EXPORT, unknown
+        if handler is None:   # PEEK_EXPORT, unknown
             return _unsupported(option)
         return handler(self, option, payload)
 
@@ -110,6 +118,8 @@ class Negotiation:
 
     # -- handlers, one per option
     def _export_name(self, option, payload):
+        if self.extended_headers:   # proto.md: "MUST NOT use this option"; it cannot fail
+            return OptionOutcome(b"", close="NBD_OPT_EXPORT_NAME after NBD_OPT_EXTENDED_HEADERS")
         try:
             name = payload.decode()
         except UnicodeError:
@@ -134,7 +144,7 @@ class Negotiation:
         if payload:
             return OptionOutcome(error_reply(option, Reply.ERR_INVALID, "NBD_OPT_STARTTLS takes no data"))
         # "the server MUST NOT preserve any negotiation state ... issued before this command"
-        self.structured_replies = False
+        self.structured_replies = self.extended_headers = False
         self.meta_export, self.meta_contexts = None, {}
         self.tls = True
         return OptionOutcome(reply(option, Reply.ACK), start_tls=True)
@@ -175,15 +185,28 @@ class Negotiation:
     def _structured_reply(self, option, payload):
         if payload:
             return OptionOutcome(error_reply(option, Reply.ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data"))
+        if self.extended_headers:   # proto.md: extended headers take precedence
+            return OptionOutcome(error_reply(option, Reply.ERR_EXT_HEADER_REQD,
+                                             "extended headers are negotiated already"))
         self.structured_replies = True
+        return OptionOutcome(reply(option, Reply.ACK))
+
+    def _extended_headers(self, option, payload):
+        """proto.md (extension-ext-header): "NBD_OPT_EXTENDED_HEADERS"."""
+        if not self.offer_extended_headers:
+            return _unsupported(option)
+        if payload:
+            return OptionOutcome(error_reply(option, Reply.ERR_INVALID, "NBD_OPT_EXTENDED_HEADERS takes no data"))
+        self.extended_headers = True
         return OptionOutcome(reply(option, Reply.ACK))
 
     def _meta_context(self, option, payload):
         listing = option == Option.LIST_META_CONTEXT
         if not listing:
             self.meta_contexts, self.meta_export = {}, None   # replaced even on failure
-            if not self.structured_replies:
-                return OptionOutcome(error_reply(option, Reply.ERR_INVALID, "structured replies not negotiated"))
+            if not self.chunked_replies:
+                return OptionOutcome(error_reply(option, Reply.ERR_INVALID,
+                                                 "neither structured replies nor extended headers negotiated"))
         request = _parse_exact(wire.MetaContextRequest, payload)
         if request is None:
             return OptionOutcome(error_reply(option, Reply.ERR_INVALID, "malformed meta context request"))
@@ -204,7 +227,7 @@ class Negotiation:
 
     def _select_contexts_for(self, export: ExportInfo) -> None:
         # proto.md: contexts count only if SET named the export used for transmission.
-        if self.meta_export != export.name or not self.structured_replies:
+        if self.meta_export != export.name or not self.chunked_replies:
             self.meta_contexts = {}
 
 
@@ -213,18 +236,18 @@ def _unsupported(option: int) -> OptionOutcome:
 
 
 def match_contexts(available: tuple[str, ...], queries: list[str], listing: bool) -> list[str]:
-    """The contexts a LIST/SET query selects.  An empty leaf ("base:") is a
-    wildcard for LIST and selects nothing for SET (proto.md: "The base: metadata
-    namespace"); unknown namespaces and leaves are ignored."""
+    """The contexts a LIST/SET query selects.  An empty leaf ("base:", "qemu:", and
+    qemu's "qemu:dirty-bitmap:") is a wildcard for LIST and selects nothing for SET
+    (proto.md: "The base: metadata namespace"; qemu nbd/server.c nbd_meta_qemu_query);
+    unknown namespaces and leaves are ignored."""
     if not queries:
         return list(available) if listing else []
     selected: list[str] = []
     for query in queries:
-        namespace, colon, leaf = query.partition(":")
-        if not colon:
+        if ":" not in query:
             continue
-        if leaf == "":
-            matches = [n for n in available if n.startswith(namespace + ":")] if listing else []
+        if query.endswith(":"):
+            matches = [n for n in available if n.startswith(query)] if listing else []
         else:
             matches = [query] if query in available else []
         selected += [m for m in matches if m not in selected]
@@ -241,4 +264,5 @@ _HANDLERS = {
     Option.STRUCTURED_REPLY: Negotiation._structured_reply,
     Option.LIST_META_CONTEXT: Negotiation._meta_context,
     Option.SET_META_CONTEXT: Negotiation._meta_context,
+    Option.EXTENDED_HEADERS: Negotiation._extended_headers,
 }

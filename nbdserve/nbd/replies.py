@@ -1,11 +1,13 @@
 """Encoding of transmission replies, checked against the requests in flight
-(proto.md: "Simple reply message", "Structured reply chunk message")."""
+(proto.md: "Simple reply message", "Structured reply chunk message"; with extended
+headers, "Extended reply chunk message": every reply is chunks with the 32-byte header,
+a SimpleReply event going out as an NBD_REPLY_TYPE_NONE or ERROR chunk)."""
 
 from __future__ import annotations
 
 from . import wire
-from .constants import (MAX_STRING, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, ChunkType, Command,
-                        ReplyFlag)
+from .constants import (EXTENDED_REPLY_MAGIC, MAX_STRING, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, ChunkType,
+                        Command, ReplyFlag)
 from .errors import LocalProtocolError
 from .events import BlockStatus, ErrorChunk, NoneChunk, OffsetData, OffsetHole, SimpleReply
 
@@ -13,17 +15,20 @@ _SIMPLE = wire.SIMPLE_REPLY_HEADER
 _CHUNK = wire.CHUNK_HEADER
 _OFFSET = wire.OFFSET_DATA_PREFIX
 _DESCRIPTOR = wire.DESCRIPTOR
+_EXT_HEADER = wire.EXTENDED_REPLY_HEADER
+_EXT_DESCRIPTOR = wire.EXT_DESCRIPTOR
 
 
 class ReplyEncoder:
-    def __init__(self, structured: bool):
-        self.structured = structured
-        self._in_flight: dict[int, list[tuple[int, int]]] = {}   # cookie -> [(command, length)]
+    def __init__(self, structured: bool, extended: bool = False):
+        self.structured = structured or extended
+        self.extended = extended
+        self._in_flight: dict[int, list[tuple[int, int, int]]] = {}   # cookie -> [(command, length, offset)]
 
-    def expect(self, cookie: int, command: int, length: int) -> None:
-        self._in_flight.setdefault(cookie, []).append((command, length))
+    def expect(self, cookie: int, command: int, length: int, offset: int = 0) -> None:
+        self._in_flight.setdefault(cookie, []).append((command, length, offset))
 
-    def _request(self, cookie: int) -> tuple[int, int]:
+    def _request(self, cookie: int) -> tuple[int, int, int]:
         pending = self._in_flight.get(cookie)
         if not pending:
             raise LocalProtocolError(f"cookie {cookie:#x} is not in flight")
@@ -37,20 +42,28 @@ class ReplyEncoder:
 
     def encode_parts(self, event) -> list:
         """The reply as buffers to send in order (read data is not copied: scatter-gather)."""
-        command, length = self._request(event.cookie)
+        command, length, offset = self._request(event.cookie)
         if isinstance(event, SimpleReply):
-            return self._simple(event, command, length)
+            if not self.extended:
+                return self._simple(event, command, length)
+            if event.data:   # proto.md: "a simple reply MUST NOT be used"; its data needs OffsetData
+                raise LocalProtocolError("extended headers: a read's data goes in OFFSET_DATA chunks")
+            event = ErrorChunk(event.cookie, event.error) if event.error else NoneChunk(event.cookie)
         if not self.structured:
             raise LocalProtocolError("structured replies were not negotiated")
         encoder = _CHUNK_ENCODERS.get(type(event))
         if encoder is None:
             raise LocalProtocolError(f"not a reply event: {event!r}")
-        chunk_type, payload, done = encoder(event, command)
+        chunk_type, payload, done = encoder(event, command, self.extended)
         parts = payload if isinstance(payload, list) else [payload]   # joined once: no extra copy of read data
         if done:
             self._finish(event.cookie)
-        header = _CHUNK.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE if done else 0, chunk_type,
-                             event.cookie, sum(map(len, parts)))
+        flags = ReplyFlag.DONE if done else 0
+        if self.extended:
+            header = _EXT_HEADER.pack(EXTENDED_REPLY_MAGIC, flags, chunk_type, event.cookie, offset,
+                                      sum(map(len, parts)))
+        else:
+            header = _CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, chunk_type, event.cookie, sum(map(len, parts)))
         return [header, *parts]
 
     def _simple(self, event: SimpleReply, command: int, length: int) -> list:
@@ -65,26 +78,34 @@ class ReplyEncoder:
         return [header, event.data] if event.data else [header]
 
 
-def _offset_data(event: OffsetData, command):
+def _offset_data(event: OffsetData, command, extended):
     if command != Command.READ or not event.data:
         raise LocalProtocolError("OFFSET_DATA needs a READ and at least one byte")
     return ChunkType.OFFSET_DATA, [_OFFSET.pack(event.offset), event.data], event.done
 
 
-def _offset_hole(event: OffsetHole, command):
+def _offset_hole(event: OffsetHole, command, extended):
     if command != Command.READ or event.length <= 0:
         raise LocalProtocolError("OFFSET_HOLE needs a READ and a nonzero length")
     return ChunkType.OFFSET_HOLE, wire.OffsetHole.build(dict(offset=event.offset, size=event.length)), event.done
 
 
-def _block_status(event: BlockStatus, command):
+def _block_status(event: BlockStatus, command, extended):
+    """NBD_REPLY_TYPE_BLOCK_STATUS, or with extended headers BLOCK_STATUS_EXT (64-bit
+    lengths and flags, and the descriptor count)."""
     if command != Command.BLOCK_STATUS or not event.descriptors:
         raise LocalProtocolError("BLOCK_STATUS needs a BLOCK_STATUS request and a descriptor")
+    if extended:
+        payload = (event.context_id.to_bytes(4, "big") + len(event.descriptors).to_bytes(4, "big")
+                   + b"".join(_EXT_DESCRIPTOR.pack(n, f) for n, f in event.descriptors))
+        return ChunkType.BLOCK_STATUS_EXT, payload, event.done
+    if any(n >= 1 << 32 for n, _ in event.descriptors):
+        raise LocalProtocolError("a BLOCK_STATUS descriptor longer than 32 bits needs extended headers")
     payload = event.context_id.to_bytes(4, "big") + b"".join(_DESCRIPTOR.pack(n, f) for n, f in event.descriptors)
     return ChunkType.BLOCK_STATUS, payload, event.done
 
 
-def _error(event: ErrorChunk, command):
+def _error(event: ErrorChunk, command, extended):
     if not event.error:
         raise LocalProtocolError("an error chunk needs a nonzero error")
     message = event.message.encode()[:MAX_STRING].decode(errors="ignore")
@@ -94,7 +115,7 @@ def _error(event: ErrorChunk, command):
     return ChunkType.ERROR_OFFSET, payload, event.done
 
 
-def _none(event: NoneChunk, command):
+def _none(event: NoneChunk, command, extended):
     return ChunkType.NONE, b"", True
 
 

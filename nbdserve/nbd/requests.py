@@ -13,9 +13,13 @@ NEEDS_FLAG = {Command.FLUSH: TF.SEND_FLUSH, Command.TRIM: TF.SEND_TRIM,
               Command.WRITE_ZEROES: TF.SEND_WRITE_ZEROES}
 
 
-def allowed_flags(command: int, flags: int) -> CommandFlag:
-    """Command flags valid for ``command`` under transmission ``flags`` (proto.md: "Command flags")."""
+def allowed_flags(command: int, flags: int, extended: bool = False) -> CommandFlag:
+    """Command flags valid for ``command`` under transmission ``flags`` (proto.md: "Command flags");
+    ``extended``: extended headers are in use, where NBD_CMD_WRITE may carry PAYLOAD_LEN (no
+    other command's payload form is served)."""
     allowed = CommandFlag.FUA if flags & TF.SEND_FUA else CommandFlag(0)
+    if extended and command == Command.WRITE:
+        allowed |= CommandFlag.PAYLOAD_LEN
     if command == Command.READ and flags & TF.SEND_DF:
         allowed |= CommandFlag.DF
     elif command == Command.BLOCK_STATUS:
@@ -28,14 +32,16 @@ def allowed_flags(command: int, flags: int) -> CommandFlag:
 
 
 def check_request(export: ExportInfo, flags: int, has_contexts: bool,
-                  command: int, cmd_flags: int, offset: int, length: int) -> tuple[Errno, str]:
+                  command: int, cmd_flags: int, offset: int, length: int,
+                  extended: bool = False) -> tuple[Errno, str]:
     """(error, reason) for a request; (Errno.OK, "") when it may go to the device.
 
-    ``flags`` are the transmission flags as sent to the client."""
+    ``flags`` are the transmission flags as sent to the client; ``extended``: extended
+    headers are in use (``length`` may then be a 64-bit effect length)."""
     if command not in KNOWN_COMMANDS:
         return Errno.EINVAL, f"unknown command {command}"
     command = Command(command)
-    bad = cmd_flags & ~int(allowed_flags(command, flags))   # int: IntFlag's ~ drops unknown bits
+    bad = cmd_flags & ~int(allowed_flags(command, flags, extended))   # int: IntFlag's ~ drops unknown bits
     if bad:
         return Errno.EINVAL, f"flags {bad:#x} not valid for {command.name}"
     if command in WRITING and flags & TF.READ_ONLY:
@@ -72,16 +78,17 @@ class RequestChecker:
     a valid READ or WRITE is passed with a few integer tests (the per-request hot path),
     anything else goes through check_request() for its precise error."""
 
-    def __init__(self, export: ExportInfo, flags: int, has_contexts: bool):
-        self.export, self.flags, self.has_contexts = export, flags, has_contexts
+    def __init__(self, export: ExportInfo, flags: int, has_contexts: bool, extended: bool = False):
+        self.export, self.flags, self.has_contexts, self.extended = export, flags, has_contexts, extended
         self._size, self._max_block, self._min_block = export.size, export.max_block, export.min_block
         self._fast_flags = {int(Command.READ): int(allowed_flags(Command.READ, flags))}
         if not flags & TF.READ_ONLY:
-            self._fast_flags[int(Command.WRITE)] = int(allowed_flags(Command.WRITE, flags))
+            self._fast_flags[int(Command.WRITE)] = int(allowed_flags(Command.WRITE, flags, extended))
 
     def __call__(self, command: int, cmd_flags: int, offset: int, length: int) -> tuple[Errno, str]:
         allowed = self._fast_flags.get(command)
         if (allowed is not None and not cmd_flags & ~allowed and offset + length <= self._size
                 and length <= self._max_block and not offset % self._min_block and not length % self._min_block):
             return _OK
-        return check_request(self.export, self.flags, self.has_contexts, command, cmd_flags, offset, length)
+        return check_request(self.export, self.flags, self.has_contexts, command, cmd_flags, offset, length,
+                             self.extended)

@@ -76,6 +76,23 @@ RequestHeader = Struct(
     "offset" / Int64ub,
     "length" / Int32ub,
 )
+# proto.md (extension-ext-header): the 32-byte headers of NBD_OPT_EXTENDED_HEADERS
+ExtendedRequestHeader = Struct(
+    "magic" / Int32ub,
+    "flags" / Int16ub,
+    "type" / Int16ub,
+    "cookie" / Int64ub,
+    "offset" / Int64ub,
+    "length" / Int64ub,             # payload length with NBD_CMD_FLAG_PAYLOAD_LEN, else effect length
+)
+ExtendedReplyHeader = Struct(
+    "magic" / Const(c.EXTENDED_REPLY_MAGIC, Int32ub),
+    "flags" / Int16ub,
+    "type" / Int16ub,
+    "cookie" / Int64ub,
+    "offset" / Int64ub,             # the request's offset
+    "length" / Int64ub,
+)
 SimpleReplyHeader = Struct(
     "magic" / Const(c.SIMPLE_REPLY_MAGIC, Int32ub),
     "error" / Int32ub,
@@ -93,6 +110,10 @@ OffsetDataPrefix = Struct("offset" / Int64ub)        # followed by the data
 OffsetHole = Struct("offset" / Int64ub, "size" / Int32ub)
 BlockStatusDescriptor = Struct("length" / Int32ub, "flags" / Int32ub)
 BlockStatusPayload = Struct("context_id" / Int32ub, "descriptors" / GreedyRange(BlockStatusDescriptor))
+# NBD_REPLY_TYPE_BLOCK_STATUS_EXT (extended headers only)
+BlockStatusExtDescriptor = Struct("length" / Int64ub, "flags" / Int64ub)
+BlockStatusExtPayload = Struct("context_id" / Int32ub, "count" / Int32ub,
+                               "descriptors" / Array(this.count, BlockStatusExtDescriptor))
 ErrorPayload = Struct("error" / Int32ub, "message" / PascalString(Int16ub, "utf8"))
 ErrorOffsetPayload = Struct("error" / Int32ub, "message" / PascalString(Int16ub, "utf8"),
                             "offset" / Int64ub)
@@ -106,8 +127,11 @@ def _checked(fmt: str, declaration: Struct) -> struct.Struct:
 
 
 REQUEST_HEADER = _checked(">IHHQQI", RequestHeader)            # 28 bytes
+EXTENDED_REQUEST_HEADER = _checked(">IHHQQQ", ExtendedRequestHeader)   # 32 bytes
+EXTENDED_REPLY_HEADER = _checked(">IHHQQQ", ExtendedReplyHeader)       # 32 bytes
 SIMPLE_REPLY_HEADER = _checked(">IIQ", SimpleReplyHeader)      # 16 bytes
 CHUNK_HEADER = _checked(">IHHQI", ChunkHeader)                 # 20 bytes
 OPTION_REQUEST_HEADER = _checked(">QII", OptionRequestHeader)  # 16 bytes
 OFFSET_DATA_PREFIX = _checked(">Q", OffsetDataPrefix)
 DESCRIPTOR = _checked(">II", BlockStatusDescriptor)
+EXT_DESCRIPTOR = _checked(">QQ", BlockStatusExtDescriptor)

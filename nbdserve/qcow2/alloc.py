@@ -131,6 +131,7 @@ class ClusterAllocation:
                 runs.append([host, pos - offset, n])
             pos += n
         mv = memoryview(data).cast("B")
+        self.bitmaps.mark(offset, len(mv))
         self.events.fire_sync("write_aio")
         for host, start, n in runs:
             pwrite_all(self.fd, mv[start:start + n], host)
@@ -139,6 +140,7 @@ class ClusterAllocation:
     async def pwrite(self, offset: int, data, fua: bool = False) -> None:
         self._check_writable(offset, len(data))
         mv = memoryview(data).cast("B")
+        self.bitmaps.mark(offset, len(mv))
         done = 0
         async with self.lock:
             while done < len(mv):

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from ..blockdev.fileio import pwrite_all
 from . import format as fmt
+from .bitmaps import bitmaps_extension, check_table_entry, read_directory
 from .errors import Qcow2Error
 from .header import MAX_L1_BYTES, Qcow2Header, read_header
 from .l2cache import decode_table, encode_table
@@ -46,11 +47,6 @@ _REPAIR_MODES = {None: 0, "leaks": FIX_LEAKS, "all": FIX_LEAKS | FIX_ERRORS}
 _SNAPSHOT_FIXED = struct.Struct(">QIHHIIQII")
 MAX_SNAPSHOT_EXTRA_DATA = 1024      # qemu: QCOW_MAX_SNAPSHOT_EXTRA_DATA
 MAX_SNAPSHOTS_SIZE = 64 << 20       # qemu: QCOW_MAX_SNAPSHOTS_SIZE
-# qcow2.txt / bitmaps.txt: "Bitmap directory entry" fixed part
-_BITMAP_DIR_FIXED = struct.Struct(">QIIBBHI")
-BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
-BME_TABLE_ENTRY_FLAG_ALL_ONES = 1
 _LITTLE = sys.byteorder == "little"
 
 
@@ -216,6 +212,7 @@ class _Checker:
         self.coff_mask, self.cshift, self.ccount_mask = fmt.compressed_masks(self.cb)
         self._load_reftable()
         self.snapshots, self.snapshots_size = read_snapshot_table(self.fd, self.h)
+        self.bitmaps = read_directory(self.fd, h)   # qemu opens the image: a broken directory fails
         n = self.cs // 8                                          # entries of an L2 table
         self._zeros = array("Q", bytes(8 * n))                    # to compare slices with
         self._ones = array("Q", [1]) * n
@@ -454,32 +451,18 @@ class _Checker:
             self._check_l2(l2_offset, frag, fix)
 
     def _check_bitmaps(self) -> None:
-        """qemu: qcow2_check_bitmaps_refcounts()."""
-        h = self.h
-        if h.bitmaps_extension is None or not h.autoclear_features & fmt.AUTOCLEAR_BITMAPS:
+        """qemu: qcow2_check_bitmaps_refcounts() (the directory was read at open)."""
+        if not self.bitmaps:
             return
-        ext = fmt.BitmapsExtension.parse(h.bitmaps_extension.ljust(fmt.BitmapsExtension.sizeof(), b"\0"))
-        if not ext.nb_bitmaps:
-            return
-        self._inc(ext.bitmap_directory_offset, ext.bitmap_directory_size)
-        directory = self._pread(min(ext.bitmap_directory_size, 64 << 20), ext.bitmap_directory_offset)
-        pos = 0
-        for _ in range(ext.nb_bitmaps):
-            if pos + _BITMAP_DIR_FIXED.size > len(directory):
-                break
-            (table_offset, table_size, _flags, _type, _gran, name_size,
-             extra_size) = _BITMAP_DIR_FIXED.unpack_from(directory, pos)
-            pos = (pos + _BITMAP_DIR_FIXED.size + extra_size + name_size + 7) & ~7
-            self._inc(table_offset, table_size * 8)
-            table = decode_table(self._pread(table_size * 8, table_offset))
-            for entry in table:
-                off = entry & BME_TABLE_ENTRY_OFFSET_MASK
-                if entry & BME_TABLE_ENTRY_RESERVED_MASK or (off and entry & BME_TABLE_ENTRY_FLAG_ALL_ONES) \
-                        or off & (self.cs - 1):
+        _, size, offset = bitmaps_extension(self.h)
+        self._inc(offset, size)
+        for e in self.bitmaps:
+            self._inc(e.table_offset, e.table_size * 8)
+            for entry in decode_table(self._pread(e.table_size * 8, e.table_offset)):
+                if not check_table_entry(entry, self.cs):
                     self.res.corruptions += 1
-                    continue
-                if off:
-                    self._inc(off, self.cs)
+                elif entry & fmt.BME_TABLE_ENTRY_OFFSET_MASK:
+                    self._inc(entry & fmt.BME_TABLE_ENTRY_OFFSET_MASK, self.cs)
 
     def _check_refblocks(self, fix: int) -> bool:
         """qemu: check_refblocks(); True if the refcount structure must be rebuilt."""

@@ -60,6 +60,7 @@ class ClusterDiscard:
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         """qemu: qcow2_co_pdiscard(): whole clusters only; v3 reads zeros, v2 the backing file."""
         self._check_writable(offset, length)
+        self.bitmaps.mark(offset, length)
         if self.policy.follows_1_1:
             await self._discard_1_1(offset, length)
             if fua:
@@ -86,6 +87,7 @@ class ClusterDiscard:
     async def zero(self, offset: int, length: int, *, may_trim: bool = False,
                    fua: bool = False, fast: bool = False) -> None:
         self._check_writable(offset, length)
+        self.bitmaps.mark(offset, length)
         if self.policy.follows_1_1:
             await self._zero_1_1(offset, length, fast)
             if fua:

@@ -82,6 +82,28 @@ BitmapsExtension = Struct(
     "bitmap_directory_offset" / Int64ub,
 )
 
+# qcow2.txt: "Bitmaps": a bitmap directory entry's fixed part (extra data, then the name,
+# follow; the entry is padded to 8 bytes) and a bitmap table entry
+BitmapDirEntry = Struct(
+    "bitmap_table_offset" / Int64ub,
+    "bitmap_table_size" / Int32ub,
+    "flags" / Int32ub,
+    "type" / Int8ub,
+    "granularity_bits" / Int8ub,
+    "name_size" / Int16ub,
+    "extra_data_size" / Int32ub,
+)
+BitmapTableEntry = BitStruct(
+    "reserved_high" / BitsInteger(8),      # bits 56-63
+    "cluster_offset" / BitsInteger(47),    # bits 9-55 (offset >> 9)
+    "reserved_low" / BitsInteger(8),       # bits 1-8
+    "all_ones" / Flag,                     # bit 0: with offset 0, every bit of the cluster is set
+)
+BME_FLAG_IN_USE = 1 << 0
+BME_FLAG_AUTO = 1 << 1
+BME_RESERVED_FLAGS = 0xFFFFFFFC
+BT_DIRTY_TRACKING_BITMAP = 1
+
 # qcow2.txt: "Snapshots"
 SnapshotEntry = Struct(
     "l1_table_offset" / Int64ub,
@@ -156,6 +178,10 @@ QCOW_OFLAG_ZERO = _mask(L2Entry, zero=True)
 assert L1E_OFFSET_MASK == L2E_OFFSET_MASK == 0x00FFFFFFFFFFFE00
 assert QCOW_OFLAG_COPIED == 1 << 63 and QCOW_OFLAG_COMPRESSED == 1 << 62 and QCOW_OFLAG_ZERO == 1
 assert REFT_OFFSET_MASK == 0xFFFFFFFFFFFFFE00
+BME_TABLE_ENTRY_OFFSET_MASK = _mask(BitmapTableEntry, cluster_offset=(1 << 47) - 1)
+BME_TABLE_ENTRY_RESERVED_MASK = _mask(BitmapTableEntry, reserved_high=0xFF, reserved_low=0xFF)
+BME_TABLE_ENTRY_FLAG_ALL_ONES = _mask(BitmapTableEntry, all_ones=True)
+assert BME_TABLE_ENTRY_OFFSET_MASK == 0x00FFFFFFFFFFFE00 and BME_TABLE_ENTRY_RESERVED_MASK == 0xFF000000000001FE
 SUBCLUSTER_ALLOC_MASK = _mask(SubclusterBitmap, allocated=0xFFFFFFFF)
 SUBCLUSTER_ZERO_MASK = _mask(SubclusterBitmap, zero=0xFFFFFFFF)
 assert SUBCLUSTER_ALLOC_MASK == 0xFFFFFFFF
@@ -174,6 +200,10 @@ def compressed_masks(cluster_bits: int) -> tuple[int, int, int]:
 HEADER_V2_STRUCT = struct.Struct(">4sIQIIQIIQQIIQ")
 HEADER_V3_STRUCT = struct.Struct(">QQQII")
 assert HEADER_V2_STRUCT.size == HeaderV2.sizeof() and HEADER_V3_STRUCT.size == HeaderV3Extra.sizeof()
+BITMAP_DIR_ENTRY_STRUCT = struct.Struct(">QIIBBHI")
+assert BITMAP_DIR_ENTRY_STRUCT.size == BitmapDirEntry.sizeof()
+BITMAPS_EXT_STRUCT = struct.Struct(">I4xQQ")
+assert BITMAPS_EXT_STRUCT.size == BitmapsExtension.sizeof()
 U64 = struct.Struct(">Q")
 assert U64.size == L1Entry.sizeof() == L2Entry.sizeof() == RefcountTableEntry.sizeof()
 

@@ -43,6 +43,7 @@ class Qcow2Header:
     feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
     extensions: list[tuple[int, bytes]] = field(default_factory=list)  # unknown ones, kept verbatim
     bitmaps_extension: bytes | None = None
+    bitmaps_extension_offset: int = 0   # where its data lies in the file (rewritten in place)
     data_file: str | None = None
 
     @property
@@ -176,6 +177,7 @@ def _read_extensions(fd: int, h: Qcow2Header, file_size: int) -> None:
                 h.feature_names[(kind, bit)] = name.rstrip(b"\0").decode("ascii", "replace")
         elif ext_type == fmt.EXT_BITMAPS:
             h.bitmaps_extension = data
+            h.bitmaps_extension_offset = pos + off - ((length + 7) & ~7)
         elif ext_type == fmt.EXT_DATA_FILE:
             h.data_file = data.decode("utf-8", "replace")
         elif ext_type == fmt.EXT_ENCRYPTION:

@@ -35,6 +35,7 @@ from ..blockdev.lock import lock_image, lock_mode
 from ..blockdev.probe import probe_format
 from . import format as fmt
 from .alloc import L2Meta, ClusterAllocation
+from .bitmaps import PersistentBitmaps
 from .comutex import CoMutex
 from .compress import decompress_cluster
 from .errors import Qcow2Error
@@ -152,6 +153,7 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
         self._dirty_bit_set = False
         # a read-only image's file does not change while served: its data may go out as FileSlices
         self._file_size = os.fstat(fd).st_size if read_only else 0
+        self.bitmaps = PersistentBitmaps(self)
 
     def _use_snapshot_l1(self, offset: int, entries: int) -> None:
         """qemu: qcow2_snapshot_load_tmp(): switch to a snapshot's L1 table, read-only; the
@@ -187,12 +189,14 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
             return
         h = self.header
         self.refcounts.end_cluster = (os.fstat(self.fd).st_size + self.cluster_size - 1) >> self.cluster_bits
-        if self.version >= 3 and h.autoclear_features:
-            # qcow2.txt: a writer that does not maintain an autoclear feature (persistent dirty
-            # bitmaps) clears its bit before the first write, so nobody trusts stale bitmaps
-            h.autoclear_features = 0
-            fileio.pwrite_all(self.fd, fmt.U64.pack(0), fmt.OFFSET_AUTOCLEAR)
+        kept = fmt.AUTOCLEAR_BITMAPS if self.bitmaps.maintained else 0
+        if self.version >= 3 and h.autoclear_features & ~kept:
+            # qcow2.txt: a writer that does not maintain an autoclear feature clears its bit
+            # before the first write, so nobody trusts what it no longer describes
+            h.autoclear_features &= kept
+            fileio.pwrite_all(self.fd, fmt.U64.pack(h.autoclear_features), fmt.OFFSET_AUTOCLEAR)
             fileio.fsync(self.fd)
+        self.bitmaps.mark_in_use()
         if h.compatible_features & fmt.COMPAT_LAZY_REFCOUNTS:
             # qcow2.txt: the dirty bit is set while refcounts may be stale
             self._write_incompatible(h.incompatible_features | fmt.INCOMPAT_DIRTY)
@@ -439,6 +443,9 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
         try:
             if not self.read_only:
                 await self.flush()
+                if self.bitmaps.entries:   # qemu: qcow2_inactivate() stores them, then flushes
+                    self.bitmaps.store()
+                    await self.flush()
                 if self._dirty_bit_set:
                     self._write_incompatible(self.header.incompatible_features & ~fmt.INCOMPAT_DIRTY)
         finally:

@@ -18,6 +18,7 @@ from ..blockdev.chain import OPEN_ANY, ChainPolicy, full_backing_filename
 from ..blockdev.fileio import host_runs
 from ..blockdev.probe import probe_format
 from . import format as fmt
+from .bitmaps import info_flags, read_directory
 from .check import read_snapshot_table
 from .header import read_header
 from .holes import metadata_preallocation
@@ -44,6 +45,7 @@ def image_info(path: str) -> dict:
         h = read_header(fd)
         st = os.fstat(fd)
         snapshots, _ = read_snapshot_table(fd, h)
+        bitmaps = read_directory(fd, h)   # qemu-img info opens the image: a broken directory fails
     finally:
         os.close(fd)
     info: dict = {}
@@ -69,6 +71,9 @@ def image_info(path: str) -> dict:
                   "compression-type": _COMPRESSION_NAMES.get(h.compression_type, str(h.compression_type))}
     if h.version >= 3:
         data["lazy-refcounts"] = bool(h.compatible_features & fmt.COMPAT_LAZY_REFCOUNTS)
+    if bitmaps:   # qemu: qcow2_get_bitmap_info_list()
+        data["bitmaps"] = [{"flags": info_flags(b.flags), "name": b.name, "granularity": b.granularity}
+                           for b in bitmaps]
     data["refcount-bits"] = 1 << h.refcount_order
     if h.version >= 3:
         data["corrupt"] = bool(h.incompatible_features & fmt.INCOMPAT_CORRUPT)
@@ -139,11 +144,22 @@ def format_info_human(info: dict) -> str:
     if "format-specific" not in info:
         return "\n".join(lines) + "\n"
     lines.append("Format specific information:")
-    for key, value in info["format-specific"]["data"].items():
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        lines.append(f"    {key.replace('-', ' ')}: {value}")
+    _dump(1, info["format-specific"]["data"], lines)
     return "\n".join(lines) + "\n"
+
+
+def _dump(indent: int, value, lines: list[str]) -> None:
+    """qemu block/qapi.c: dump_qdict() / dump_qlist(): keys with dashes as spaces, list
+    items as [i], composite values on the lines below, four spaces per level."""
+    items = ((k.replace("-", " "), v) for k, v in value.items()) if isinstance(value, dict) \
+        else ((f"[{i}]", v) for i, v in enumerate(value))
+    for key, v in items:
+        if isinstance(v, (dict, list)):
+            lines.append(f"{' ' * 4 * indent}{key}:")
+            _dump(indent + 1, v, lines)
+        else:
+            text = ("true" if v else "false") if isinstance(v, bool) else v
+            lines.append(f"{' ' * 4 * indent}{key}: {text}")
 
 
 # ----------------------------------------------------------------------- map

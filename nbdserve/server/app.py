@@ -102,7 +102,8 @@ class _Server:
                 return
         log.info("%s: connected", peer)
         session = Session(stream, peer, self.exports, self.catalog, self.config.handshake_timeout,
-                          self.config.verbose, self.tls_mode, self.tls_context)
+                          self.config.verbose, self.tls_mode, self.tls_context,
+                          extended_headers=self.config.extended_headers)
         self.sessions.add(session)
         refusals = Refusals()
         CONNECTION_REFUSALS.set(refusals)   # this task's context, copied into its request tasks
@@ -142,7 +143,7 @@ async def run_server(config: ServerConfig, *, task_status=trio.TASK_STATUS_IGNOR
     listening = False
     try:
         for export_config in config.exports:
-            exports[export_config.name] = open_export(export_config)
+            exports[export_config.name] = await open_export(export_config)
             log.debug("export %r: %s (%d bytes, flags %#x)", export_config.name, export_config.image,
                      exports[export_config.name].info.size, exports[export_config.name].info.flags)
         server = _Server(config, exports, stop)

@@ -6,14 +6,19 @@ import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
+from typing import TYPE_CHECKING
 
 from ..blockdev import BlockDevice, Extent, ReadChunk, materialize
 from ..nbd import (CONTEXT_BASE_ALLOCATION, BlockStatus, Command, CommandFlag, Errno, ErrorChunk, NoneChunk,
                    OffsetData, OffsetHole, Request, SimpleReply, StateFlag)
 from .exports import nbd_errno
 
+if TYPE_CHECKING:
+    from ..qcow2.bitmaps import DirtyBitmap
+
 log = logging.getLogger("nbdserve.server")
 Send = Callable[[object], Awaitable[None]]
+Bitmaps = dict[str, "DirtyBitmap"]
 MAX_DESCRIPTORS = 1 << 16    # proto.md: the server MAY return fewer descriptors than asked
 
 
@@ -39,15 +44,16 @@ CONNECTION_REFUSALS: ContextVar[Refusals | None] = ContextVar("connection_refusa
 
 
 async def execute(request: Request, device: BlockDevice, structured: bool,
-                  contexts: dict[int, str], send: Send) -> None:
+                  contexts: dict[int, str], send: Send, bitmaps: Bitmaps | None = None) -> None:
     """Perform ``request`` and send its complete reply; device errors become NBD errors."""
-    for reply in await reply_events(request, device, structured, contexts):
+    for reply in await reply_events(request, device, structured, contexts, bitmaps):
         await send(reply)
 
 
 async def reply_events(request: Request, device: BlockDevice, structured: bool,
-                       contexts: dict[int, str]) -> list:
-    """The reply events for ``request``, after performing it."""
+                       contexts: dict[int, str], bitmaps: Bitmaps | None = None) -> list:
+    """The reply events for ``request``, after performing it (``bitmaps``: the export's
+    dirty bitmaps by context name)."""
     if request.error:
         if (refusals := CONNECTION_REFUSALS.get()) is not None:
             refusals.add(request)
@@ -57,7 +63,7 @@ async def reply_events(request: Request, device: BlockDevice, structured: bool,
             chunks = await device.read_sparse(request.offset, request.length) if request.length else []
             return read_replies(request, chunks, structured)
         if request.command == Command.BLOCK_STATUS:
-            return await _block_status(request, device, contexts)
+            return await _block_status(request, device, contexts, bitmaps or {})
         await _perform(request, device)
     except Exception as exc:   # noqa: BLE001 - every failure becomes an NBD error reply
         return _failed(request, exc, structured)
@@ -174,9 +180,23 @@ def descriptors(extents: list[Extent], context: str) -> list[tuple[int, int]]:
     return out
 
 
-async def _block_status(request: Request, device: BlockDevice, contexts: dict[int, str]) -> list:
+def bitmap_descriptors(bitmap: DirtyBitmap, offset: int, length: int, req_one: bool) -> list[tuple[int, int]]:
+    """qemu:dirty-bitmap:NAME descriptors (qemu nbd/server.c: bitmap_to_extents())."""
+    runs = bitmap.runs(offset, length, 1 if req_one else MAX_DESCRIPTORS)
+    return [(n, StateFlag.DIRTY if dirty else 0) for n, dirty in runs]
+
+
+async def _block_status(request: Request, device: BlockDevice, contexts: dict[int, str],
+                        bitmaps: Bitmaps) -> list:
     req_one = bool(request.flags & CommandFlag.REQ_ONE)
-    extents = await collect_extents(device, request.offset, request.length, req_one)
-    items = list(contexts.items())
-    return [BlockStatus(request.cookie, context_id, descriptors(extents, name), done=i == len(items) - 1)
-            for i, (context_id, name) in enumerate(items)]
+    extents = None
+    out = []
+    for i, (context_id, name) in enumerate(contexts.items()):
+        if name in bitmaps:
+            descs = bitmap_descriptors(bitmaps[name], request.offset, request.length, req_one)
+        else:
+            if extents is None:
+                extents = await collect_extents(device, request.offset, request.length, req_one)
+            descs = descriptors(extents, name)
+        out.append(BlockStatus(request.cookie, context_id, descs, done=i == len(contexts) - 1))
+    return out

@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
 
 from ..blockdev import BlockDevice
 from ..blockdev.chain import ChainPolicy
 from ..config import ExportConfig
 from ..images import ImageError, open_image
 from ..nbd import ExportInfo, TransmissionFlag as TF
-from ..nbd.constants import CONTEXT_QEMU_ALLOCATION_DEPTH, Errno
+from ..nbd.constants import CONTEXT_QEMU_ALLOCATION_DEPTH, CONTEXT_QEMU_DIRTY_BITMAP, Errno
 from ..nbd.exports import ALL_CONTEXTS
+
+if TYPE_CHECKING:
+    from ..qcow2.bitmaps import DirtyBitmap
 
 
 def export_info(name: str, device: BlockDevice, description: str = "", *,
-                allocation_depth: bool = True, multi_conn: bool | None = None) -> ExportInfo:
+                allocation_depth: bool = True, multi_conn: bool | None = None,
+                bitmaps: tuple[str, ...] = ()) -> ExportInfo:
     """The transmission flags and contexts an export advertises, from the device's can_*
-    (``multi_conn`` overrides can_multi_conn; ``allocation_depth`` False: base:allocation only)."""
+    (``multi_conn`` overrides can_multi_conn; ``allocation_depth`` False: base:allocation only;
+    ``bitmaps``: a qemu:dirty-bitmap:NAME context each)."""
     flags = TF.HAS_FLAGS | TF.SEND_DF
     writable = device.can_write()
     if not writable:
@@ -39,6 +47,7 @@ def export_info(name: str, device: BlockDevice, description: str = "", *,
     contexts = ALL_CONTEXTS if device.can_extents() else ()
     if not allocation_depth:
         contexts = tuple(c for c in contexts if c != CONTEXT_QEMU_ALLOCATION_DEPTH)
+    contexts += tuple(CONTEXT_QEMU_DIRTY_BITMAP + b for b in bitmaps)
     return ExportInfo(name=name, size=device.size, flags=flags, description=description, meta_contexts=contexts)
 
 
@@ -47,20 +56,32 @@ class Export:
     config: ExportConfig
     device: BlockDevice
     info: ExportInfo
+    bitmaps: dict[str, DirtyBitmap] = field(default_factory=dict)   # context name -> bitmap
 
 
-def open_export(config: ExportConfig) -> Export:
-    """Open the image (raises ImageError); every connection shares this device."""
+async def open_export(config: ExportConfig) -> Export:
+    """Open the image (raises ImageError, the image closed again); every connection shares
+    this device."""
     chain = ChainPolicy(backing_root=config.backing_root, no_backing=config.no_backing,
                         force_share=config.force_share)
     device = open_image(config.image, config.format, read_only=config.read_only,
                         allocator=config.allocator, delays=config.delays, snapshot=config.snapshot,
                         chain=chain)
+    try:
+        return _export(config, device)
+    except BaseException:
+        with trio.CancelScope(shield=True):   # a writable image's bitmaps are in use until closed
+            await device.close()
+        raise
+
+
+def _export(config: ExportConfig, device: BlockDevice) -> Export:
     if (config.delays or config.inject_errors) and blkdebug(device) is None:
         what = "delay" if config.delays else "inject_error"
         raise ImageError(f"{config.image}: {what} needs a qcow2 image ({RAW_HAS_NO_EVENTS})")
     if config.inject_errors:
         _inject_errors(config, device)
+    bitmaps = _find_bitmaps(config, device)
     if not config.discard or config.cache != "writeback" or config.detect_zeroes != "off":
         from ..blockdev.qemu_options import QemuBlockOptions
         device = QemuBlockOptions(device, discard=config.discard,
@@ -74,7 +95,28 @@ def open_export(config: ExportConfig) -> Export:
             raise ImageError(f"{config.image}: {e.strerror}") from None
     return Export(config, device, export_info(config.name, device, config.description,
                                               allocation_depth=config.allocation_depth,
-                                              multi_conn=config.multi_conn))
+                                              multi_conn=config.multi_conn, bitmaps=config.bitmaps),
+                  {CONTEXT_QEMU_DIRTY_BITMAP + b.name: b for b in bitmaps})
+
+
+def _find_bitmaps(config: ExportConfig, device: BlockDevice) -> list[DirtyBitmap]:
+    """qemu nbd/server.c nbd_export_create(): each -B bitmap, looked for down the backing
+    chain; an inconsistent one (left in use by a crash) is refused, with qemu's messages."""
+    if config.bitmaps and config.offset:
+        raise ImageError(f"{config.image}: dirty bitmaps cannot be served with an offset")
+    found = []
+    for name in config.bitmaps:
+        layer, bm = device, None
+        while layer is not None and bm is None:
+            bitmaps = getattr(layer, "bitmaps", None)
+            bm = bitmaps.by_name.get(name) if bitmaps is not None else None
+            layer = getattr(layer, "backing", None)
+        if bm is None:
+            raise ImageError(f"Bitmap '{name}' is not found")
+        if bm.inconsistent:
+            raise ImageError(f"Bitmap '{name}' is inconsistent and cannot be used")
+        found.append(bm)
+    return found
 
 
 RAW_HAS_NO_EVENTS = "a raw file has no blkdebug events"

@@ -27,10 +27,11 @@ REPLY_GRACE = 5.0            # seconds to send replies still queued when reading
 class Session:
     def __init__(self, stream: trio.abc.Stream, peer: str, exports: dict[str, Export],
                  catalog, handshake_timeout: float, verbose: bool,
-                 tls_mode: TlsMode = TlsMode.OFF, tls_context=None):
+                 tls_mode: TlsMode = TlsMode.OFF, tls_context=None, *, extended_headers: bool = True):
         # ``stream`` becomes a tls.TlsStream once STARTTLS succeeds: use self.stream after the handshake.
         self.stream, self.peer = stream, peer
         self.tls_mode, self.tls_context = tls_mode, tls_context
+        self.extended_headers = extended_headers
         self.exports, self.catalog = exports, catalog
         self.handshake_timeout, self.verbose = handshake_timeout, verbose
         self._stopping = False
@@ -68,7 +69,7 @@ class Session:
             log.info("%s: disconnected", self.peer)
 
     async def _handshake(self) -> tuple[Negotiated | None, ServerConnection | None]:
-        conn = ServerConnection(self.catalog, tls_mode=self.tls_mode)
+        conn = ServerConnection(self.catalog, tls_mode=self.tls_mode, extended_headers=self.extended_headers)
         with self._reading_scope(), trio.move_on_after(self.handshake_timeout):
             while True:
                 event = conn.next_event()
@@ -93,8 +94,10 @@ class Session:
                         log.info("%s: closed during handshake (%s)", self.peer, event.reason)
                     return None, None
                 else:
-                    log.info("%s: export %r, flags %#x, structured replies %s, contexts %s, options %s%s",
+                    log.info("%s: export %r, flags %#x, structured replies %s, extended headers %s, "
+                             "contexts %s, options %s%s",
                              self.peer, event.export.name, event.flags, event.structured_replies,
+                             event.extended_headers,
                              sorted(event.meta_contexts.values()), ",".join(event.options),
                              ", over TLS" if event.tls else "")
                     return event, conn
@@ -115,7 +118,7 @@ class Session:
 
         async def run_request(request: Request) -> None:
             try:
-                await execute(request, device, structured, negotiated.meta_contexts, send)
+                await execute(request, device, structured, negotiated.meta_contexts, send, export.bitmaps)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
                 self._log_lost(e)   # the client is gone
                 nursery.cancel_scope.cancel()
