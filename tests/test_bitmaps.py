@@ -217,7 +217,7 @@ def test_unknown_bitmap_is_refused_and_leaves_the_image_closed(tmp_path):
     assert [b["flags"] for b in info_bitmaps(image)] == [["auto"], ["auto"], []]   # not left in use
     raw = tmp_path / "r.raw"
     raw.write_bytes(bytes(MiB))
-    p = run(NBDSERVE, "serve", "-p", free_port(), "-B", "b0", raw, check=False)
+    p = run(NBDSERVE, "serve", "-p", free_port(), "-f", "raw", "-B", "b0", raw, check=False)
     assert p.returncode == 1 and p.stderr == "nbdserve: error: Bitmap 'b0' is not found\n", p
 
 
