@@ -255,6 +255,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             ("-r", args.read_only or None), ("-f", args.format), ("--allocator", args.allocator),
             ("--delay", args.delay or None), ("--inject-error", args.inject_error or None),
             ("--description", args.description), ("--control", args.control), ("--tls", args.tls),
+            ("--trace", args.trace),
             ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--tls-ca", args.tls_ca))
             if value is not None]
         if given:
@@ -294,6 +295,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allocator=args.allocator or "fixed",
         delays=delays,
         inject_errors=inject_errors,
+        trace=os.path.abspath(args.trace) if args.trace else None,
     )
     config = ServerConfig(exports=[export], verbose=args.verbose)
     if args.control is not None:
@@ -514,6 +516,9 @@ def _serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--description", metavar="TEXT", help="export description shown to clients")
     s.add_argument("--control", metavar="SOCKET",
                    help="control socket for blkdebug breakpoints, delays and errors at run time (nbdserve ctl)")
+    s.add_argument("--trace", metavar="FILE",
+                   help="append the qcow2 allocation trace to FILE, one JSON object per line "
+                        "(every allocating write round in qemu 1.1.2's terms, and the frees)")
     s.add_argument("-v", "--verbose", action="store_true", help="also log every request (connections are always logged)")
     s.add_argument("--tls-cert", metavar="FILE", help="TLS: the server's certificate (PEM)")
     s.add_argument("--tls-key", metavar="FILE", help="TLS: the certificate's private key (PEM)")
@@ -549,9 +554,11 @@ def _create_arguments(c: argparse.ArgumentParser) -> None:
 def cmd_ctl(args: argparse.Namespace) -> int:
     """One request to a server's control socket; its refusal is one line and exit 1."""
     from .control import ControlError, ControlClient
-    arguments = {key: getattr(args, key, None) for key in ("event", "tag", "timeout", "seconds", "errno")}
+    arguments = {key: getattr(args, key, None) for key in ("event", "tag", "timeout", "seconds", "errno", "state")}
     if getattr(args, "once", None):
         arguments["once"] = True
+    if getattr(args, "file", None):
+        arguments["file"] = os.path.abspath(args.file)   # the server's working folder may differ
     try:
         with ControlClient(args.socket) as client:
             client.request(args.ctl_command, export=getattr(args, "export", None), **arguments)
@@ -589,6 +596,9 @@ def _ctl_arguments(c: argparse.ArgumentParser) -> None:
     p.add_argument("errno", metavar="ERRNO", help="a name like EIO or ENOSPC, or its number")
     p.add_argument("once", nargs="?", choices=["once"], help="only the first request fails")
     command("clear", "remove every breakpoint (resuming what is suspended), delay and injected error")
+    p = command("trace", "start or stop the allocation trace (JSON lines into FILE, or serve --trace's)")
+    p.add_argument("state", choices=["on", "off"], metavar="on|off")
+    p.add_argument("file", nargs="?", metavar="FILE", help="on: trace into this file instead")
     c.set_defaults(func=cmd_ctl)
 
 

@@ -63,6 +63,7 @@ class ExportConfig:
     cache: str = "writeback"        # CACHE_MODES
     detect_zeroes: str = "off"      # DETECT_ZEROES
     snapshot: str | None = None     # serve this internal snapshot read-only (qemu-nbd -l: ID_OR_NAME, snapshot.id=/name=)
+    trace: str | None = None        # the allocation trace's file (qcow2/trace.py, JSON lines), absolute
 
 
 @dataclass
@@ -239,7 +240,8 @@ def _refuse_unknown(key: str, table: dict[str, Any], known: tuple[str, ...]) -> 
 
 SERVER_KEYS = ("bind", "port", "socket", "control", "verbose", "handshake_timeout", "max_connections", "tls")
 TLS_KEYS = ("cert", "key", "ca", "mode")
-EXPORT_KEYS = ("name", "image", "format", "read_only", "description", "allocator", "delay", "inject_error")
+EXPORT_KEYS = ("name", "image", "format", "read_only", "description", "allocator", "delay", "inject_error",
+               "trace")
 
 
 def _resolve(base: str, path: str) -> str:
@@ -268,6 +270,8 @@ def _parse_export(i: int, table: Any, base: str) -> ExportConfig:
         export.delays = check_delays(f"{key}.delay", table["delay"])
     if "inject_error" in table:
         export.inject_errors = check_inject_errors(f"{key}.inject_error", table["inject_error"])
+    if "trace" in table:
+        export.trace = _resolve(base, check_str(f"{key}.trace", table["trace"], nonempty=True))
     return export
 
 

@@ -77,8 +77,10 @@ async def run_scenario(scenario: Scenario, allocator: str, *, keep: bool = False
             model.apply(command)
         expected = bytes(model.data)
         actual_path = os.path.join(workdir, "actual.raw")
+        trace_path = os.path.join(workdir, "trace.jsonl")
         config = ServerConfig(exports=[ExportConfig(name=EXPORT, image=top, format="qcow2",
-                                                    allocator=allocator, delays=dict(scenario.delays))],
+                                                    allocator=allocator, delays=dict(scenario.delays),
+                                                    trace=trace_path)],
                               bind="127.0.0.1", port=0,
                               control=os.path.join(workdir, "control.sock") if scenario.script else None)
         shutdown = trio.Event()
