@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 
 from ..qcow2.policy import ALLOCATORS
 from .scenarios import SCENARIOS
@@ -38,6 +39,9 @@ def add_arguments(r: argparse.ArgumentParser) -> None:
                    help="guest: a debootstrapped Debian 12 installing real packages with its own dpkg "
                         "(debian, the default) or the fast busybox initramfs unpacking generated "
                         "packages (synthetic)")
+    r.add_argument("--report", metavar="FILE.html",
+                   help="also write a page picturing each qemu-io scenario's runs side by side "
+                        "(host clusters, guest -> host arrows, the allocation of interest and its COW)")
     r.set_defaults(func=cmd_reproduce)
 
 
@@ -54,6 +58,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     with_guest = args.scenario in ("guest", "all")
     clients = [args.client] if args.client else (list(GUEST_CLIENTS) if args.scenario == "all" else ["virtio"])
 
+    if args.report and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):
+        raise SystemExit(f"nbdserve: error: reproduce --report {args.report}: no such folder")
     missing = None
     if with_guest:
         from ..guest import missing_requirements
@@ -61,9 +67,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         if missing and args.scenario == "guest":
             raise SystemExit(f"nbdserve: error: reproduce guest: {missing}")
 
+    pictured = []
+
     async def main() -> None:
         for i, name in enumerate(names):
             results = [await run_scenario(SCENARIOS[name], a, keep=args.keep) for a in allocators]
+            pictured.append((SCENARIOS[name], results))
             if args.json:
                 for r in results:
                     print(r.to_json(), flush=True)
@@ -91,4 +100,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                     print(format_guest_results(results), flush=True)
 
     trio.run(main)
+    if args.report:
+        from .report import write_report
+        try:
+            write_report(args.report, pictured)
+        except OSError as e:
+            raise SystemExit(f"nbdserve: error: reproduce --report {args.report}: {e.strerror}") from None
     return 0

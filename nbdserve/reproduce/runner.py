@@ -17,6 +17,7 @@ from ..server import run_server
 from ..qcow2.trace import read_trace
 from .culprits import allocations_of, describe_culprit, find_culprits, offset_text, size_text
 from .model import DiskModel, differing_ranges, pattern_checks
+from .report import host_layout
 from .piped import run_script
 from .scenarios import Scenario
 
@@ -43,9 +44,9 @@ class RunResult:
     cluster_size: int = 0
     trace: list[dict] = field(default_factory=list)         # the whole allocation trace (qcow2/trace.py)
     host_map: list[dict] = field(default_factory=list)      # qemu-img map --output=json of the overlay
-    image: str | None = None                                # the overlay (gone unless kept)
+    host_kinds: list[str] = field(default_factory=list)     # per host cluster (report.host_layout)
 
-    HIDDEN = ("cluster_size", "trace", "host_map", "image")
+    HIDDEN = ("cluster_size", "trace", "host_map", "host_kinds")
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -134,6 +135,7 @@ async def run_scenario(scenario: Scenario, allocator: str, *, keep: bool = False
         mapped = await _run(["qemu-img", "map", "--output=json", top])
         host_map = json.loads(mapped.stdout)
         trace = read_trace(trace_path)
+        host_kinds = await host_layout(top, scenario.cluster_size, host_map)
         bad = differing_ranges(expected, actual)
         return RunResult(
             scenario=scenario.name, allocator=allocator,
@@ -142,7 +144,7 @@ async def run_scenario(scenario: Scenario, allocator: str, *, keep: bool = False
             bad_ranges=[[o, n] for o, n in bad], checks=check_results, qemu_img_check=verdict,
             delays=dict(scenario.delays), breakpoints=hit, workdir=workdir if keep else None,
             allocations=allocations_of(trace), culprits=find_culprits(bad, trace, host_map, scenario.cluster_size),
-            cluster_size=scenario.cluster_size, trace=trace, host_map=host_map, image=top)
+            cluster_size=scenario.cluster_size, trace=trace, host_map=host_map, host_kinds=host_kinds)
     finally:
         if own and not keep:
             shutil.rmtree(workdir, ignore_errors=True)
