@@ -98,3 +98,41 @@ def test_reproduce_prints_culprits():
         assert all(list(a) == list(ALLOCATION_KEYS) for a in x["allocations"])
         assert all(set(c) == {"guest_offset", "length", "allocation", "host_offset", "by"} for c in x["culprits"])
     assert not {"trace", "host_map", "image", "cluster_size"} & set(runs[0])
+
+
+def test_reproduce_progress_on_a_terminal_only():
+    """One line per run on stderr when it is a terminal, with the time since the start, and a
+    last "done"; none under --json, none when stderr is not a terminal."""
+    import os
+    import pty
+    import re
+
+    def run(*extra: str) -> tuple[str, str]:
+        main, sub = pty.openpty()
+        p = subprocess.Popen([sys.executable, "-m", "nbdserve", "reproduce", "iotest-047", *extra],
+                             stdout=subprocess.PIPE, stderr=sub, text=True)
+        os.close(sub)
+        out, _ = p.communicate(timeout=120)
+        err = b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:   # EIO: the child side is closed and drained
+                break
+            if not chunk:
+                break
+            err += chunk
+        os.close(main)
+        assert p.returncode == 0
+        return out, err.decode()
+
+    _, err = run()
+    steps = [f"iotest-047 under {a}" for a in ("qemu-1.1.2", "qemu-1.1.2+b7ab0fea")] + ["done"]
+    lines = err.splitlines()
+    assert [re.sub(r"^\[\d+:\d\d\] ", "", ln) for ln in lines] == steps, err
+    assert all(re.match(r"^\[\d+:\d\d\] ", ln) for ln in lines)
+    out, err = run("--json")
+    assert err == "" and len(out.splitlines()) == 2
+    piped = subprocess.run([sys.executable, "-m", "nbdserve", "reproduce", "iotest-047", "--allocator", "fixed"],
+                           capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0 and piped.stderr == ""

@@ -12,6 +12,8 @@ import argparse
 import json
 import logging
 import os
+import sys
+import time
 
 from ..qcow2.policy import ALLOCATORS
 from .scenarios import SCENARIOS
@@ -45,6 +47,20 @@ def add_arguments(r: argparse.ArgumentParser) -> None:
     r.set_defaults(func=cmd_reproduce)
 
 
+class Progress:
+    """One line per step on stderr, with the time since the start, when stderr is a terminal
+    (and not under --json)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.start = time.monotonic()
+
+    def step(self, text: str) -> None:
+        if self.enabled:
+            elapsed = int(time.monotonic() - self.start)
+            print(f"[{elapsed // 60}:{elapsed % 60:02d}] {text}", file=sys.stderr, flush=True)
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     import trio
 
@@ -68,10 +84,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             raise SystemExit(f"nbdserve: error: reproduce guest: {missing}")
 
     pictured = []
+    progress = Progress(not args.json and sys.stderr.isatty())
+
+    async def run(name: str, allocator: str):
+        progress.step(f"{name} under {allocator}")
+        return await run_scenario(SCENARIOS[name], allocator, keep=args.keep)
 
     async def main() -> None:
         for i, name in enumerate(names):
-            results = [await run_scenario(SCENARIOS[name], a, keep=args.keep) for a in allocators]
+            results = [await run(name, a) for a in allocators]
             pictured.append((SCENARIOS[name], results))
             if args.json:
                 for r in results:
@@ -90,6 +111,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         from ..guest import format_guest_results, run_guest
         for client in clients:
             for allocator in allocators:
+                progress.step(f"guest via {client} under {allocator} ({args.runs} run{'s' if args.runs > 1 else ''})")
                 results = await run_guest(allocator, client, args.runs, args.keep, workload=args.workload)
                 if args.json:
                     for r in results:
@@ -100,6 +122,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                     print(format_guest_results(results), flush=True)
 
     trio.run(main)
+    progress.step("done")
     if args.report:
         from .report import write_report
         try:
