@@ -92,6 +92,8 @@ class GuestResult:
     archives_damaged: list[str] = field(default_factory=list)  # SHA256 differs from the Packages index
     console_log: str | None = None
     workdir: str | None = None
+    # "<path>" of a corrupted file -> its blocks a stale COW wrote last (reproduce/filemap.py)
+    culprits: dict[str, list[str] | None] = field(default_factory=dict)   # None: removed later
 
     @property
     def corrupted(self) -> bool:
@@ -208,8 +210,9 @@ async def run_guest_once(allocator: str, client: str = "virtio", *, run: int = 1
         size, backing = (spec or WorkloadSpec()).fs_size, "base.qcow2"
     create_image(top, size, cluster_size=64 << 10, backing=backing, backing_format="qcow2")
     console = os.path.join(workdir, "console.log")
+    trace = os.path.join(workdir, "trace.jsonl")
     config = ServerConfig(exports=[ExportConfig(name=EXPORT, image=top, format="qcow2",
-                                                allocator=allocator, delays=delays)],
+                                                allocator=allocator, delays=delays, trace=trace)],
                           bind="127.0.0.1", port=0, handshake_timeout=timeout)
     errors: list[str] = []
     shutdown = trio.Event()
@@ -234,6 +237,8 @@ async def run_guest_once(allocator: str, client: str = "virtio", *, run: int = 1
                   seconds=round(seconds, 1), delays=delays, console_log=console, workdir=workdir)
     if workload == "debian":
         parsed = debian.parse_console(text)
+        common["culprits"] = await _culprits(top, trace, parsed["corrupted"], parsed["partition_start_sector"],
+                                             workdir, errors)
         return GuestResult(files_checked=parsed["files"], files_corrupted=len(parsed["corrupted"]),
                            corrupted_files=parsed["corrupted"], completed=parsed["completed"],
                            errors=errors + parsed["errors"], phases=parsed["phases"], userland="debian",
@@ -241,9 +246,29 @@ async def run_guest_once(allocator: str, client: str = "virtio", *, run: int = 1
                            packages_installed=parsed["installed"], dpkg_messages=parsed["dpkg_messages"],
                            archives_damaged=parsed["archives_damaged"], **common)
     parsed = parse_console(text)
+    common["culprits"] = await _culprits(top, trace, parsed["corrupted"], None, workdir, errors)
     return GuestResult(files_checked=parsed["files"], files_corrupted=len(parsed["corrupted"]),
                        corrupted_files=parsed["corrupted"], completed=parsed["summary"] is not None,
                        errors=errors + parsed["errors"], phases=parsed["phases"], **common)
+
+
+def corrupted_path(name: str) -> str:
+    """The path of a corrupted file: the Debian guest's "/usr/bin/x", the synthetic one's "<package> <path>"."""
+    return name if name.startswith("/") else name.split(" ", 1)[-1]
+
+
+async def _culprits(top: str, trace: str, corrupted: list[str], partition_start_sector: int | None,
+                    workdir: str, errors: list[str]) -> dict[str, list[str] | None]:
+    """Each corrupted file's blocks a stale COW wrote last (reproduce/filemap.py)."""
+    if not corrupted:
+        return {}
+    from ..reproduce.filemap import file_culprits
+    try:
+        return await file_culprits(top, trace, [corrupted_path(n) for n in corrupted], 64 << 10, workdir,
+                                   fs_offset=(partition_start_sector or 0) * 512)
+    except (OSError, RuntimeError, ValueError) as e:
+        errors.append(f"culprits: {e}")
+        return {}
 
 
 async def run_guest(allocator: str, client: str = "virtio", runs: int = 1, keep: bool = False, *,
@@ -299,6 +324,14 @@ def format_guest_results(results: list[GuestResult], *, max_files: int = 6, max_
             lines.append(f"    ... and {len(r.archives_damaged) - max_files} more archives")
         for name in r.corrupted_files[:max_files]:
             lines.append(f"    FAILED {name}")
+            path = corrupted_path(name)
+            found = r.culprits.get(path)
+            if path in r.culprits and found is None:
+                lines.append("      removed later in the run: its blocks are gone")
+            elif found is not None:
+                lines += [f"      {c}" for c in found[:3]] + ([f"      ... and {len(found) - 3} more"] if len(found) > 3 else [])
+                if not found:
+                    lines.append("      no stale COW wrote its blocks last")
         if len(r.corrupted_files) > max_files:
             lines.append(f"    ... and {len(r.corrupted_files) - max_files} more")
         for message in r.dpkg_messages[:max_messages]:

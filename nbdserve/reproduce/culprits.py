@@ -77,8 +77,20 @@ def _host_of(mapping, guest: int) -> tuple[int | None, int]:
     return None, (min(later) - guest) if later else 1 << 62
 
 
+def _paint(lo: int, hi: int, hits: list[HostWrite]) -> list[tuple[int, int, HostWrite | None]]:
+    """[lo, hi) of the host file cut by which write put its bytes there last (``hits`` newest first)."""
+    if lo >= hi:
+        return []
+    for i, w in enumerate(hits):
+        a, b = max(lo, w.host), min(hi, w.host + w.length)
+        if a < b:
+            return _paint(lo, a, hits[i + 1:]) + [(a, b - a, w)] + _paint(b, hi, hits[i + 1:])
+    return [(lo, hi - lo, None)]
+
+
 def find_culprits(bad_ranges, trace: list[dict], qemu_img_map: list[dict], cluster_size: int) -> list[dict]:
-    """Per bad range piece (cut at clusters, joined again where the culprit and host run on):
+    """Per bad range piece (cut at clusters and where the last writer changes, joined again
+    where the culprit and host run on):
     ``guest_offset``, ``length``, ``host_offset`` (None: not in the overlay), ``allocation``
     (index into allocations_of(trace), or None) and ``by``: what wrote there last, "data"
     (the allocation's own write), "head_cow", "tail_cow", "write" (into kept clusters, no
@@ -91,19 +103,22 @@ def find_culprits(bad_ranges, trace: list[dict], qemu_img_map: list[dict], clust
         while pos < end:
             host, run = _host_of(mapping, pos)
             n = min(end, (pos | (cluster_size - 1)) + 1, pos + run) - pos
-            last = None
-            if host is not None:
-                hits = [w for w in writes if w.host < host + n and host < w.host + w.length]
-                last = max(hits, key=lambda w: w.seq) if hits else None
-            piece = {"guest_offset": pos, "length": n, "allocation": last.allocation if last else None,
-                     "host_offset": host, "by": last.by if last else None}
-            prev = out[-1] if out else None
-            if (prev and prev["guest_offset"] + prev["length"] == pos and prev["allocation"] == piece["allocation"]
-                    and prev["by"] == piece["by"] and prev["host_offset"] is not None and host is not None
-                    and prev["host_offset"] + prev["length"] == host):
-                prev["length"] += n
+            if host is None:
+                parts = [(pos, n, None, None)]
             else:
-                out.append(piece)
+                hits = sorted((w for w in writes if w.host < host + n and host < w.host + w.length),
+                              key=lambda w: -w.seq)
+                parts = [(pos + a - host, m, a, w) for a, m, w in _paint(host, host + n, hits)]
+            for g, m, h, last in parts:
+                piece = {"guest_offset": g, "length": m, "allocation": last.allocation if last else None,
+                         "host_offset": h, "by": last.by if last else None}
+                prev = out[-1] if out else None
+                if (prev and prev["guest_offset"] + prev["length"] == g and prev["allocation"] == piece["allocation"]
+                        and prev["by"] == piece["by"] and prev["host_offset"] is not None and h is not None
+                        and prev["host_offset"] + prev["length"] == h):
+                    prev["length"] += m
+                else:
+                    out.append(piece)
             pos += n
     return out
 
