@@ -129,3 +129,20 @@ def test_report_pictures_the_stale_tail_cow(tmp_path):
     assert white < 0.93 * len(pixels), "the screenshot is (nearly) blank"
     # the SVG was drawn, not only the text: the bad guest cluster's red and the data clusters' blue
     assert b"\xef\x44\x44" in pixels and b"\x60\xa5\xfa" in pixels
+
+
+def test_report_lists_a_guest_runs_corrupted_files():
+    """A guest run series: each corrupted file with its culprit lines, or why there are none."""
+    from nbdserve.guest import GuestResult
+    from nbdserve.reproduce.report import render
+    line = "usr/lib/x.so bytes 0+16K (fs blocks 1..4) = guest 0x1000+16K: stale tail COW of ..."
+    r = GuestResult(run=1, allocator="qemu-1.1.2", client="virtio", files_checked=3, files_corrupted=3,
+                    corrupted_files=["x usr/lib/x.so", "y usr/lib/y.so", "z usr/lib/z.so"], qemu_img_check={"exit": 0},
+                    seconds=1.0, completed=True, culprits={"usr/lib/x.so": [line], "usr/lib/y.so": None,
+                                                           "usr/lib/z.so": []})
+    page = render([], [[r]])
+    items = re.findall(r'<li class="corrupted-file">(.*?)</li>', page)
+    assert len(items) == 3
+    assert "x usr/lib/x.so" in items[0] and line in items[0]
+    assert "removed later in the run" in items[1] and "no stale COW" in items[2]
+    assert "corrupted files in 1 of 1 runs" in page

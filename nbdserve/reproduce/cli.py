@@ -84,6 +84,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             raise SystemExit(f"nbdserve: error: reproduce guest: {missing}")
 
     pictured = []
+    guests = []
     progress = Progress(not args.json and sys.stderr.isatty())
 
     async def run(name: str, allocator: str):
@@ -113,6 +114,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             for allocator in allocators:
                 progress.step(f"guest via {client} under {allocator} ({args.runs} run{'s' if args.runs > 1 else ''})")
                 results = await run_guest(allocator, client, args.runs, args.keep, workload=args.workload)
+                guests.append(results)
                 if args.json:
                     for r in results:
                         print(r.to_json(), flush=True)
@@ -126,7 +128,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.report:
         from .report import write_report
         try:
-            write_report(args.report, pictured)
+            write_report(args.report, pictured, guests)
         except OSError as e:
             raise SystemExit(f"nbdserve: error: reproduce --report {args.report}: {e.strerror}") from None
     return 0

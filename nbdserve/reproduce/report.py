@@ -261,8 +261,27 @@ in the host cluster after the new ones, which belongs to another guest cluster: 
 are lost.</p>"""
 
 
-def render(sections: list[tuple[object, list]]) -> str:
-    body = "\n".join(section(s, rs) for s, rs in sections)
+def guest_section(results) -> str:
+    """A guest run series: its corrupted files, each with the clusters that broke it (filemap.py)."""
+    from ..guest.harness import corrupted_path
+    r0 = results[0]
+    items = []
+    for r in results:
+        for name in r.corrupted_files:
+            path = corrupted_path(name)
+            found = r.culprits.get(path)
+            why = ("removed later in the run: its blocks are gone" if path in r.culprits and found is None
+                   else "<br>".join(html.escape(c) for c in found) if found else "no stale COW wrote its blocks last")
+            items.append(f'<li class="corrupted-file">run {r.run}: <b>{html.escape(name)}</b><br>'
+                         f'<small>{why}</small></li>')
+    bad = sum(r.corrupted for r in results)
+    return (f'<section class="guest" data-allocator="{html.escape(r0.allocator)}" data-client="{html.escape(r0.client)}">'
+            f"<h2>guest via {html.escape(r0.client)} under {html.escape(r0.allocator)}: corrupted files in "
+            f"{bad} of {len(results)} runs</h2><ul>{''.join(items)}</ul></section>")
+
+
+def render(sections: list[tuple[object, list]], guests: list[list] = ()) -> str:
+    body = "\n".join([section(s, rs) for s, rs in sections] + [guest_section(g) for g in guests if g])
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<title>nbdserve reproduce: why the data broke</title><style>"
             "body{font-family:sans-serif;margin:16px;color:#111;background:#fff}"
@@ -273,6 +292,6 @@ def render(sections: list[tuple[object, list]]) -> str:
             f"{INTRO}\n{body}\n</body></html>\n")
 
 
-def write_report(path: str, sections: list[tuple[object, list]]) -> None:
+def write_report(path: str, sections: list[tuple[object, list]], guests: list[list] = ()) -> None:
     with open(path, "w") as f:
-        f.write(render(sections))
+        f.write(render(sections, guests))
