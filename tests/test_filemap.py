@@ -84,7 +84,7 @@ async def test_stale_tail_cow_into_a_file(nbdserve, tmp_path, fs_offset):
     first, last = fs_byte // 4096, (fs_byte + 32 * K - 1) // 4096
     in_file = file_blocks.index(first) * 4096 + fs_byte % 4096
     [line] = lines["d/f"]
-    assert line.startswith(f"d/f bytes {in_file:#x}+32K (fs blocks {first}..{last}) = guest {c + 32 * K:#x}+32K: "
+    assert line.startswith(f"bytes {in_file:#x}+32K (fs blocks {first}..{last}) = guest {c + 32 * K:#x}+32K: "
                            f"stale tail COW of the write at {R:#x}+480K (keep 5, new 2, case (a)), copied from guest "
                            f"{R + 480 * K:#x}, landed in host cluster "), line
     assert line.endswith(f"(guest {c:#x}..)")

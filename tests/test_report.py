@@ -135,7 +135,7 @@ def test_report_lists_a_guest_runs_corrupted_files():
     """A guest run series: each corrupted file with its culprit lines, or why there are none."""
     from nbdserve.guest import GuestResult
     from nbdserve.reproduce.report import render
-    line = "usr/lib/x.so bytes 0+16K (fs blocks 1..4) = guest 0x1000+16K: stale tail COW of ..."
+    line = "bytes 0+16K (fs blocks 1..4) = guest 0x1000+16K: stale tail COW of ..."
     r = GuestResult(run=1, allocator="qemu-1.1.2", client="virtio", files_checked=3, files_corrupted=3,
                     corrupted_files=["x usr/lib/x.so", "y usr/lib/y.so", "z usr/lib/z.so"], qemu_img_check={"exit": 0},
                     seconds=1.0, completed=True, culprits={"usr/lib/x.so": [line], "usr/lib/y.so": None,

@@ -57,6 +57,8 @@ from . import debian
 from .initramfs import build_initramfs, kernel_image
 from .workload import WorkloadSpec, build_base_image
 
+ARCHIVES = "/var/cache/apt/archives"   # the Debian guest's archives (debian.py's script: A=)
+
 EXPORT = "top"
 CLIENTS = ("virtio", "nbd-client")
 WORKLOADS = ("debian", "synthetic")
@@ -237,8 +239,9 @@ async def run_guest_once(allocator: str, client: str = "virtio", *, run: int = 1
                   seconds=round(seconds, 1), delays=delays, console_log=console, workdir=workdir)
     if workload == "debian":
         parsed = debian.parse_console(text)
-        common["culprits"] = await _culprits(top, trace, parsed["corrupted"], parsed["partition_start_sector"],
-                                             workdir, errors)
+        damaged = [f"{ARCHIVES}/{name}" for name in parsed["archives_damaged"]]
+        common["culprits"] = await _culprits(top, trace, parsed["corrupted"] + damaged,
+                                             parsed["partition_start_sector"], workdir, errors)
         return GuestResult(files_checked=parsed["files"], files_corrupted=len(parsed["corrupted"]),
                            corrupted_files=parsed["corrupted"], completed=parsed["completed"],
                            errors=errors + parsed["errors"], phases=parsed["phases"], userland="debian",
@@ -253,8 +256,11 @@ async def run_guest_once(allocator: str, client: str = "virtio", *, run: int = 1
 
 
 def corrupted_path(name: str) -> str:
-    """The path of a corrupted file: the Debian guest's "/usr/bin/x", the synthetic one's "<package> <path>"."""
-    return name if name.startswith("/") else name.split(" ", 1)[-1]
+    """The path of a corrupted file: the Debian guest's "/usr/bin/x" (dpkg --verify's "missing"
+    lines add why, e.g. " (Bad message)"), the synthetic one's "<package> <path>"."""
+    if name.startswith("/"):
+        return re.sub(r" \([^()]*\)$", "", name)
+    return name.split(" ", 1)[-1]
 
 
 async def _culprits(top: str, trace: str, corrupted: list[str], partition_start_sector: int | None,
@@ -306,6 +312,18 @@ def describe_check(verdict: dict) -> str:
     return ", ".join(parts) or f"exit {verdict.get('exit')}"
 
 
+def _culprit_lines(r: GuestResult, path: str, most: int = 3) -> list[str]:
+    """The culprits of one damaged file, indented under it (none when none were looked for)."""
+    if path not in r.culprits:
+        return []
+    found = r.culprits[path]
+    if found is None:
+        return ["      removed later in the run: its blocks are gone"]
+    if not found:
+        return ["      no stale COW wrote its bytes last"]
+    return [f"      {c}" for c in found[:most]] + ([f"      ... and {len(found) - most} more"] if len(found) > most else [])
+
+
 def format_guest_results(results: list[GuestResult], *, max_files: int = 6, max_messages: int = 12) -> str:
     """A line per run, the corrupted files (and for the Debian guest, damaged archives and
     dpkg's own words) under it, and a total per allocator/client."""
@@ -319,19 +337,13 @@ def format_guest_results(results: list[GuestResult], *, max_files: int = 6, max_
                      f"{r.files_checked} files checked, {r.files_corrupted} corrupted; {archives}"
                      f"qemu-img check: {describe_check(r.qemu_img_check)}; {r.seconds:.0f} s")
         for name in r.archives_damaged[:max_files]:
-            lines.append(f"    SHA256 mismatch /var/cache/apt/archives/{name}")
+            lines.append(f"    SHA256 mismatch {ARCHIVES}/{name}")
+            lines += _culprit_lines(r, f"{ARCHIVES}/{name}")
         if len(r.archives_damaged) > max_files:
             lines.append(f"    ... and {len(r.archives_damaged) - max_files} more archives")
         for name in r.corrupted_files[:max_files]:
             lines.append(f"    FAILED {name}")
-            path = corrupted_path(name)
-            found = r.culprits.get(path)
-            if path in r.culprits and found is None:
-                lines.append("      removed later in the run: its blocks are gone")
-            elif found is not None:
-                lines += [f"      {c}" for c in found[:3]] + ([f"      ... and {len(found) - 3} more"] if len(found) > 3 else [])
-                if not found:
-                    lines.append("      no stale COW wrote its blocks last")
+            lines += _culprit_lines(r, corrupted_path(name))
         if len(r.corrupted_files) > max_files:
             lines.append(f"    ... and {len(r.corrupted_files) - max_files} more")
         for message in r.dpkg_messages[:max_messages]:

@@ -44,14 +44,15 @@ async def file_blocks(raw: str, path: str, fs_offset: int = 0) -> list[int] | No
     the extent tree's own blocks, unlike the data's; None when the file system no longer has it.
     A file system from byte ``fs_offset`` on (a partition) is opened as e2fsprogs' "FILE?offset=N"."""
     device = f"{raw}?offset={fs_offset}" if fs_offset else raw
-    r = await trio.run_process(["debugfs", "-R", f"stat /{path.lstrip('/')}", device],
+    quoted = path.lstrip("/").replace("\\", "\\\\").replace('"', '\\"')
+    r = await trio.run_process(["debugfs", "-R", f'stat "/{quoted}"', device],
                                capture_stdout=True, capture_stderr=True, check=False)
     text, err = r.stdout.decode(), r.stderr.decode()
     if "File not found" in err:
         return None
     marker = max(text.rfind("EXTENTS:"), text.rfind("BLOCKS:"))
     if r.returncode or marker < 0:
-        raise RuntimeError(f"debugfs stat /{path}: {' '.join(err.split()[-8:]) or 'no block list'}")
+        raise RuntimeError(f"debugfs stat /{path.lstrip('/')}: {' '.join(err.split()[-8:]) or 'no block list'}")
     blocks: list[tuple[int, int]] = []
     for first, last, start, _ in _EXTENT.findall(text[marker:]):
         count = int(last or first) - int(first) + 1
@@ -68,9 +69,11 @@ def stale_cow(c: dict, allocations: list[dict], cluster_size: int) -> bool:
 
 async def file_culprits(image: str, trace_path: str, paths: list[str], cluster_size: int,
                         workdir: str, fs_offset: int = 0) -> dict[str, list[str] | None]:
-    """path -> one line per run of its blocks that a stale COW wrote last (none: an empty
-    list; None: the file was removed after its check, as the guest removes packages).
-    ``fs_offset``: the byte of the disk where the file system starts (its partition's)."""
+    """path -> one line per run of its bytes that a stale COW wrote last ("bytes OFFSET+LENGTH
+    (fs blocks A..B) = guest ..."; none: an empty list; None: the file was removed after its
+    check, as the guest removes packages).  A file debugfs cannot reach because its directory's
+    block fails its checksum (the corruption hit the directory) is answered by that directory's
+    own blocks.  ``fs_offset``: the byte of the disk where the file system starts (its partition's)."""
     raw = os.path.join(workdir, "overlay.raw")
     await trio.run_process(["qemu-img", "convert", "-O", "raw", image, raw], capture_stdout=True,
                            capture_stderr=True)
@@ -80,24 +83,37 @@ async def file_culprits(image: str, trace_path: str, paths: list[str], cluster_s
         trace = read_trace(trace_path)
         allocations = allocations_of(trace)
         bs = ext4_block_size(raw, fs_offset)
-        out: dict[str, list[str] | None] = {}
-        for path in paths:
-            blocks = await file_blocks(raw, path, fs_offset)
-            if blocks is None:
-                out[path] = None
-                continue
+
+        def stale_lines(blocks: list[int], prefix: str = "") -> list[str]:
             index = {b: i for i, b in enumerate(blocks)}   # fs block -> its block in the file
-            pieces = find_culprits([(fs_offset + b * bs, bs) for b in blocks], trace, host_map, cluster_size)
             lines = []
-            for c in pieces:
+            for c in find_culprits([(fs_offset + b * bs, bs) for b in blocks], trace, host_map, cluster_size):
                 if stale_cow(c, allocations, cluster_size):
                     fs_byte = c["guest_offset"] - fs_offset
                     first, last = fs_byte // bs, (fs_byte + c["length"] - 1) // bs
                     in_file = index[first] * bs + fs_byte % bs
-                    where = (f"bytes {offset_text(in_file)}+{size_text(c['length'])} (fs block{'s' if last > first else ''} "
-                             f"{first}{f'..{last}' if last > first else ''})")
-                    lines.append(f"{path} {where} = guest " + describe_culprit(c, allocations, trace, cluster_size))
-            out[path] = lines
+                    blocks_text = f"block {first}" if last == first else f"blocks {first}..{last}"
+                    lines.append(f"{prefix}bytes {offset_text(in_file)}+{size_text(c['length'])} (fs {blocks_text})"
+                                 f" = guest " + describe_culprit(c, allocations, trace, cluster_size))
+            return lines
+
+        out: dict[str, list[str] | None] = {}
+        for path in paths:
+            try:
+                blocks = await file_blocks(raw, path, fs_offset)
+            except RuntimeError as e:   # e.g. metadata the corruption hit: one file, not the run
+                parent = os.path.dirname(path.rstrip("/"))
+                if "checksum does not match directory block" not in str(e) or parent in ("", "/"):
+                    out[path] = [f"not mapped: {e}"]
+                    continue
+                try:
+                    found = await file_blocks(raw, parent, fs_offset)
+                except RuntimeError:
+                    out[path] = [f"not mapped: {e}"]
+                    continue
+                out[path] = stale_lines(found or [], f"its directory {parent} (a bad checksum): ")
+                continue
+            out[path] = None if blocks is None else stale_lines(blocks)
         return out
     finally:
         os.unlink(raw)
