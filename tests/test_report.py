@@ -143,6 +143,6 @@ def test_report_lists_a_guest_runs_corrupted_files():
     page = render([], [[r]])
     items = re.findall(r'<li class="corrupted-file">(.*?)</li>', page)
     assert len(items) == 3
-    assert "x usr/lib/x.so" in items[0] and line in items[0]
+    assert "FAILED x usr/lib/x.so" in items[0] and line in items[0]
     assert "removed later in the run" in items[1] and "no stale COW" in items[2]
     assert "corrupted files in 1 of 1 runs" in page

@@ -312,16 +312,22 @@ def describe_check(verdict: dict) -> str:
     return ", ".join(parts) or f"exit {verdict.get('exit')}"
 
 
-def _culprit_lines(r: GuestResult, path: str, most: int = 3) -> list[str]:
-    """The culprits of one damaged file, indented under it (none when none were looked for)."""
+def culprit_lines(r: GuestResult, path: str, most: int = 3) -> list[str]:
+    """The culprits of one damaged file (none when none were looked for)."""
     if path not in r.culprits:
         return []
     found = r.culprits[path]
     if found is None:
-        return ["      removed later in the run: its blocks are gone"]
+        return ["removed later in the run: its blocks are gone"]
     if not found:
-        return ["      no stale COW wrote its bytes last"]
-    return [f"      {c}" for c in found[:most]] + ([f"      ... and {len(found) - most} more"] if len(found) > most else [])
+        return ["no stale COW wrote its bytes last"]
+    return found[:most] + ([f"... and {len(found) - most} more"] if len(found) > most else [])
+
+
+def damaged_files(r: GuestResult) -> list[tuple[str, str]]:
+    """(what the guest said, path) of every damaged archive and corrupted file of a run."""
+    return ([(f"SHA256 mismatch {ARCHIVES}/{name}", f"{ARCHIVES}/{name}") for name in r.archives_damaged]
+            + [(f"FAILED {name}", corrupted_path(name)) for name in r.corrupted_files])
 
 
 def format_guest_results(results: list[GuestResult], *, max_files: int = 6, max_messages: int = 12) -> str:
@@ -338,12 +344,12 @@ def format_guest_results(results: list[GuestResult], *, max_files: int = 6, max_
                      f"qemu-img check: {describe_check(r.qemu_img_check)}; {r.seconds:.0f} s")
         for name in r.archives_damaged[:max_files]:
             lines.append(f"    SHA256 mismatch {ARCHIVES}/{name}")
-            lines += _culprit_lines(r, f"{ARCHIVES}/{name}")
+            lines += [f"      {c}" for c in culprit_lines(r, f"{ARCHIVES}/{name}")]
         if len(r.archives_damaged) > max_files:
             lines.append(f"    ... and {len(r.archives_damaged) - max_files} more archives")
         for name in r.corrupted_files[:max_files]:
             lines.append(f"    FAILED {name}")
-            lines += _culprit_lines(r, corrupted_path(name))
+            lines += [f"      {c}" for c in culprit_lines(r, corrupted_path(name))]
         if len(r.corrupted_files) > max_files:
             lines.append(f"    ... and {len(r.corrupted_files) - max_files} more")
         for message in r.dpkg_messages[:max_messages]:

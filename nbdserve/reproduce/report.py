@@ -262,17 +262,14 @@ are lost.</p>"""
 
 
 def guest_section(results) -> str:
-    """A guest run series: its corrupted files, each with the clusters that broke it (filemap.py)."""
-    from ..guest.harness import corrupted_path
+    """A guest run series: its damaged files, each with the writes that broke it (filemap.py)."""
+    from ..guest.harness import culprit_lines, damaged_files
     r0 = results[0]
     items = []
     for r in results:
-        for name in r.corrupted_files:
-            path = corrupted_path(name)
-            found = r.culprits.get(path)
-            why = ("removed later in the run: its blocks are gone" if path in r.culprits and found is None
-                   else "<br>".join(html.escape(c) for c in found) if found else "no stale COW wrote its blocks last")
-            items.append(f'<li class="corrupted-file">run {r.run}: <b>{html.escape(name)}</b><br>'
+        for said, path in damaged_files(r):
+            why = "<br>".join(html.escape(c) for c in culprit_lines(r, path, most=20))
+            items.append(f'<li class="corrupted-file">run {r.run}: <b>{html.escape(said)}</b><br>'
                          f'<small>{why}</small></li>')
     bad = sum(r.corrupted for r in results)
     return (f'<section class="guest" data-allocator="{html.escape(r0.allocator)}" data-client="{html.escape(r0.client)}">'
