@@ -258,6 +258,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             ("--delay", args.delay or None), ("--inject-error", args.inject_error or None),
             ("--description", args.description), ("--control", args.control), ("--tls", args.tls),
             ("-B", args.bitmap or None), ("--no-extended-headers", args.no_extended_headers or None),
+            ("--trace", args.trace),
             ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--tls-ca", args.tls_ca),
             ("--tls-authz-identity", args.tls_authz_identity),
             ("--backing-root", args.backing_root), ("--no-backing", args.no_backing or None),
@@ -305,6 +306,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         no_backing=args.no_backing,
         force_share=args.force_share,
         bitmaps=bitmaps,
+        trace=os.path.abspath(args.trace) if args.trace else None,
     )
     config = ServerConfig(exports=[export], verbose=args.verbose, extended_headers=not args.no_extended_headers)
     if args.control is not None:
@@ -539,6 +541,9 @@ def _serve_arguments(s: argparse.ArgumentParser) -> None:
                    help="serve read-only, sharing the image with a writer (qemu-img -U's locks)")
     s.add_argument("--no-extended-headers", action="store_true",
                    help="refuse NBD_OPT_EXTENDED_HEADERS (clients then use 32-bit lengths)")
+    s.add_argument("--trace", metavar="FILE",
+                   help="append the qcow2 allocation trace to FILE, one JSON object per line "
+                        "(every allocating write round in qemu 1.1.2's terms, and the frees)")
     s.add_argument("-v", "--verbose", action="store_true", help="also log every request (connections are always logged)")
     s.add_argument("--tls-cert", metavar="FILE", help="TLS: the server's certificate (PEM)")
     s.add_argument("--tls-key", metavar="FILE", help="TLS: the certificate's private key (PEM)")
@@ -577,9 +582,11 @@ def _create_arguments(c: argparse.ArgumentParser) -> None:
 def cmd_ctl(args: argparse.Namespace) -> int:
     """One request to a server's control socket; its refusal is one line and exit 1."""
     from .control import ControlError, ControlClient
-    arguments = {key: getattr(args, key, None) for key in ("event", "tag", "timeout", "seconds", "errno")}
+    arguments = {key: getattr(args, key, None) for key in ("event", "tag", "timeout", "seconds", "errno", "state")}
     if getattr(args, "once", None):
         arguments["once"] = True
+    if getattr(args, "file", None):
+        arguments["file"] = os.path.abspath(args.file)   # the server's working folder may differ
     try:
         with ControlClient(args.socket) as client:
             client.request(args.ctl_command, export=getattr(args, "export", None), **arguments)
@@ -617,6 +624,9 @@ def _ctl_arguments(c: argparse.ArgumentParser) -> None:
     p.add_argument("errno", metavar="ERRNO", help="a name like EIO or ENOSPC, or its number")
     p.add_argument("once", nargs="?", choices=["once"], help="only the first request fails")
     command("clear", "remove every breakpoint (resuming what is suspended), delay and injected error")
+    p = command("trace", "start or stop the allocation trace (JSON lines into FILE, or serve --trace's)")
+    p.add_argument("state", choices=["on", "off"], metavar="on|off")
+    p.add_argument("file", nargs="?", metavar="FILE", help="on: trace into this file instead")
     c.set_defaults(func=cmd_ctl)
 
 

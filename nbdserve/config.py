@@ -73,6 +73,7 @@ class ExportConfig:
     no_backing: bool = False        # refuse any backing file
     force_share: bool = False       # qemu-img -U: read-only, taking no lock that conflicts with a writer
     bitmaps: tuple[str, ...] = ()   # persistent dirty bitmaps offered as qemu:dirty-bitmap:NAME (qemu-nbd -B)
+    trace: str | None = None        # the allocation trace's file (qcow2/trace.py, JSON lines), absolute
 
 
 @dataclass
@@ -264,7 +265,7 @@ SERVER_KEYS = ("bind", "port", "socket", "control", "verbose", "handshake_timeou
                "extended_headers")
 TLS_KEYS = ("cert", "key", "ca", "identity", "mode")
 EXPORT_KEYS = ("name", "image", "format", "read_only", "description", "allocator", "delay", "inject_error",
-               "backing_root", "no_backing", "force_share", "bitmaps")
+               "backing_root", "no_backing", "force_share", "bitmaps", "trace")
 
 
 def _resolve(base: str, path: str) -> str:
@@ -302,6 +303,8 @@ def _parse_export(i: int, table: Any, base: str) -> ExportConfig:
         export.force_share = check_bool(f"{key}.force_share", table["force_share"])
     if "bitmaps" in table:
         export.bitmaps = check_bitmap_names(f"{key}.bitmaps", table["bitmaps"])
+    if "trace" in table:
+        export.trace = _resolve(base, check_str(f"{key}.trace", table["trace"], nonempty=True))
     return export
 
 

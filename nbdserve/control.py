@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "delay": (("event", "seconds"), ()),
     "inject-error": (("event", "errno"), ("once",)),
     "clear": ((), ()),
+    "trace": (("state",), ("file",)),
 }
 
 
@@ -49,6 +50,8 @@ _CHECKS = {   # argument -> (test, what it must be)
     "errno": (lambda v: (isinstance(v, str) and v != "") or (isinstance(v, int) and not isinstance(v, bool)),
               "an errno name like ENOSPC or its number"),
     "once": (lambda v: isinstance(v, bool), "true or false"),
+    "state": (lambda v: v in ("on", "off"), '"on" or "off"'),
+    "file": (lambda v: isinstance(v, str) and v != "", "a non-empty string (a path)"),
 }
 
 

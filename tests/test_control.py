@@ -265,7 +265,7 @@ def test_garbage_gets_an_error_line_and_the_server_serves_on(served):
             (b"[1, 2]\n", "not a JSON object: '[1, 2]'"),
             (b'{"tag": "A"}\n', 'missing "cmd"'),
             (b'{"cmd": "explode"}\n', "unknown command 'explode'; expected one of: break, wait-break, resume, "
-                                      "remove-break, delay, inject-error, clear"),
+                                      "remove-break, delay, inject-error, clear, trace"),
             (b'{"cmd": "break", "event": "cow_write"}\n', "break: missing 'tag'"),
             (b'{"cmd": "break", "event": "cow_write", "tag": 7}\n', "break: 'tag' must be a non-empty string, got 7"),
             (b'{"cmd": "delay", "event": "cow_write", "seconds": -1}\n',

@@ -57,6 +57,8 @@ from . import debian
 from .initramfs import build_initramfs, kernel_image
 from .workload import WorkloadSpec, build_base_image
 
+ARCHIVES = "/var/cache/apt/archives"   # the Debian guest's archives (debian.py's script: A=)
+
 EXPORT = "top"
 CLIENTS = ("virtio", "nbd-client")
 WORKLOADS = ("debian", "synthetic")
@@ -92,6 +94,8 @@ class GuestResult:
     archives_damaged: list[str] = field(default_factory=list)  # SHA256 differs from the Packages index
     console_log: str | None = None
     workdir: str | None = None
+    # "<path>" of a corrupted file -> its blocks a stale COW wrote last (reproduce/filemap.py)
+    culprits: dict[str, list[str] | None] = field(default_factory=dict)   # None: removed later
 
     @property
     def corrupted(self) -> bool:
@@ -208,8 +212,9 @@ async def run_guest_once(allocator: str, client: str = "virtio", *, run: int = 1
         size, backing = (spec or WorkloadSpec()).fs_size, "base.qcow2"
     create_image(top, size, cluster_size=64 << 10, backing=backing, backing_format="qcow2")
     console = os.path.join(workdir, "console.log")
+    trace = os.path.join(workdir, "trace.jsonl")
     config = ServerConfig(exports=[ExportConfig(name=EXPORT, image=top, format="qcow2",
-                                                allocator=allocator, delays=delays)],
+                                                allocator=allocator, delays=delays, trace=trace)],
                           bind="127.0.0.1", port=0, handshake_timeout=timeout)
     errors: list[str] = []
     shutdown = trio.Event()
@@ -234,6 +239,9 @@ async def run_guest_once(allocator: str, client: str = "virtio", *, run: int = 1
                   seconds=round(seconds, 1), delays=delays, console_log=console, workdir=workdir)
     if workload == "debian":
         parsed = debian.parse_console(text)
+        damaged = [f"{ARCHIVES}/{name}" for name in parsed["archives_damaged"]]
+        common["culprits"] = await _culprits(top, trace, parsed["corrupted"] + damaged,
+                                             parsed["partition_start_sector"], workdir, errors)
         return GuestResult(files_checked=parsed["files"], files_corrupted=len(parsed["corrupted"]),
                            corrupted_files=parsed["corrupted"], completed=parsed["completed"],
                            errors=errors + parsed["errors"], phases=parsed["phases"], userland="debian",
@@ -241,9 +249,32 @@ async def run_guest_once(allocator: str, client: str = "virtio", *, run: int = 1
                            packages_installed=parsed["installed"], dpkg_messages=parsed["dpkg_messages"],
                            archives_damaged=parsed["archives_damaged"], **common)
     parsed = parse_console(text)
+    common["culprits"] = await _culprits(top, trace, parsed["corrupted"], None, workdir, errors)
     return GuestResult(files_checked=parsed["files"], files_corrupted=len(parsed["corrupted"]),
                        corrupted_files=parsed["corrupted"], completed=parsed["summary"] is not None,
                        errors=errors + parsed["errors"], phases=parsed["phases"], **common)
+
+
+def corrupted_path(name: str) -> str:
+    """The path of a corrupted file: the Debian guest's "/usr/bin/x" (dpkg --verify's "missing"
+    lines add why, e.g. " (Bad message)"), the synthetic one's "<package> <path>"."""
+    if name.startswith("/"):
+        return re.sub(r" \([^()]*\)$", "", name)
+    return name.split(" ", 1)[-1]
+
+
+async def _culprits(top: str, trace: str, corrupted: list[str], partition_start_sector: int | None,
+                    workdir: str, errors: list[str]) -> dict[str, list[str] | None]:
+    """Each corrupted file's blocks a stale COW wrote last (reproduce/filemap.py)."""
+    if not corrupted:
+        return {}
+    from ..reproduce.filemap import file_culprits
+    try:
+        return await file_culprits(top, trace, [corrupted_path(n) for n in corrupted], 64 << 10, workdir,
+                                   fs_offset=(partition_start_sector or 0) * 512)
+    except (OSError, RuntimeError, ValueError) as e:
+        errors.append(f"culprits: {e}")
+        return {}
 
 
 async def run_guest(allocator: str, client: str = "virtio", runs: int = 1, keep: bool = False, *,
@@ -281,6 +312,24 @@ def describe_check(verdict: dict) -> str:
     return ", ".join(parts) or f"exit {verdict.get('exit')}"
 
 
+def culprit_lines(r: GuestResult, path: str, most: int = 3) -> list[str]:
+    """The culprits of one damaged file (none when none were looked for)."""
+    if path not in r.culprits:
+        return []
+    found = r.culprits[path]
+    if found is None:
+        return ["removed later in the run: its blocks are gone"]
+    if not found:
+        return ["no stale COW wrote its bytes last"]
+    return found[:most] + ([f"... and {len(found) - most} more"] if len(found) > most else [])
+
+
+def damaged_files(r: GuestResult) -> list[tuple[str, str]]:
+    """(what the guest said, path) of every damaged archive and corrupted file of a run."""
+    return ([(f"SHA256 mismatch {ARCHIVES}/{name}", f"{ARCHIVES}/{name}") for name in r.archives_damaged]
+            + [(f"FAILED {name}", corrupted_path(name)) for name in r.corrupted_files])
+
+
 def format_guest_results(results: list[GuestResult], *, max_files: int = 6, max_messages: int = 12) -> str:
     """A line per run, the corrupted files (and for the Debian guest, damaged archives and
     dpkg's own words) under it, and a total per allocator/client."""
@@ -294,11 +343,13 @@ def format_guest_results(results: list[GuestResult], *, max_files: int = 6, max_
                      f"{r.files_checked} files checked, {r.files_corrupted} corrupted; {archives}"
                      f"qemu-img check: {describe_check(r.qemu_img_check)}; {r.seconds:.0f} s")
         for name in r.archives_damaged[:max_files]:
-            lines.append(f"    SHA256 mismatch /var/cache/apt/archives/{name}")
+            lines.append(f"    SHA256 mismatch {ARCHIVES}/{name}")
+            lines += [f"      {c}" for c in culprit_lines(r, f"{ARCHIVES}/{name}")]
         if len(r.archives_damaged) > max_files:
             lines.append(f"    ... and {len(r.archives_damaged) - max_files} more archives")
         for name in r.corrupted_files[:max_files]:
             lines.append(f"    FAILED {name}")
+            lines += [f"      {c}" for c in culprit_lines(r, corrupted_path(name))]
         if len(r.corrupted_files) > max_files:
             lines.append(f"    ... and {len(r.corrupted_files) - max_files} more")
         for message in r.dpkg_messages[:max_messages]:

@@ -32,6 +32,7 @@ class L2Meta:
     nb_clusters: int
     nb_available: int      # MIN(requested, avail): where the tail COW is computed from
     fresh: bool = False    # the new clusters lie past anything the file ever held: they read as zeros
+    record: dict | None = None   # its allocation trace record (trace.py), when tracing
     done: trio.Event = field(default_factory=trio.Event)
 
 
@@ -69,14 +70,14 @@ class ClusterAllocation:
         self.l1[l1_index] = new_off | fmt.QCOW_OFLAG_COPIED
         self.l1_dirty.add(l1_index)
         if old_off:
-            self._free_clusters(old_off, self.cluster_size)
+            self._free_clusters(old_off, self.cluster_size, "l2_table")
         # a reader may have evicted the new table while the events above slept (cache pressure
         # writes it back first): return the cache's copy, never an orphan the caller would
         # change in vain
         table = self._l2_table_for(l1_index)
         return table, (pos >> self.cluster_bits) & (self.l2_entries - 1)
 
-    def _free_entry(self, entry: int) -> None:
+    def _free_entry(self, entry: int, cause: str = "replaced") -> None:
         """Free the host cluster(s) an old L2 entry referenced (qemu: qcow2_free_any_clusters;
         1.1's frees nothing for a zero cluster, even one that kept its allocation: a leak)."""
         if entry & fmt.QCOW_OFLAG_COMPRESSED:
@@ -84,16 +85,18 @@ class ClusterAllocation:
             nb = ((entry >> self.compressed_shift) & self.compressed_count_mask) + 1
             first = host & ~(self.cluster_size - 1)
             last = (host + nb * 512 - (host & 511) - 1) & ~(self.cluster_size - 1)
-            self._free_clusters(first, last - first + self.cluster_size)
+            self._free_clusters(first, last - first + self.cluster_size, cause)
         elif entry & fmt.QCOW_OFLAG_ZERO and self.policy.follows_1_1:
             return
         elif entry & fmt.L2E_OFFSET_MASK:
-            self._free_clusters(entry & fmt.L2E_OFFSET_MASK, self.cluster_size)
+            self._free_clusters(entry & fmt.L2E_OFFSET_MASK, self.cluster_size, cause)
 
-    def _free_clusters(self, host: int, nbytes: int) -> None:
+    def _free_clusters(self, host: int, nbytes: int, cause: str) -> None:
         """qemu 1.1: qcow2_free_clusters() at once, so the very next allocation can take them
         (their refcount reaches the disk after the L2 change, at flush).  ``fixed``: queued,
         and freed at the flush that made the L2 change durable (image.flush)."""
+        if self.trace is not None:
+            self.trace.free(cause, host, nbytes, deferred=not self.policy.follows_1_1)
         if not self.policy.follows_1_1:
             self.pending_free.append((host, nbytes))
             return
@@ -135,6 +138,8 @@ class ClusterAllocation:
         self.events.fire_sync("write_aio")
         for host, start, n in runs:
             pwrite_all(self.fd, mv[start:start + n], host)
+            if self.trace is not None:
+                self.trace.write(offset + start, host, n)
         return True
 
     async def pwrite(self, offset: int, data, fua: bool = False) -> None:
@@ -152,6 +157,11 @@ class ClusterAllocation:
                         await self._unlocked(self._write_data, host, mv[done:done + n])
                     finally:
                         self.writes_in_flight.remove(span)
+                    if self.trace is not None:
+                        if meta is None:
+                            self.trace.write(offset + done, host, n)
+                        elif meta.record is not None:
+                            self.trace.data_written(meta.record)
                     if meta is not None:
                         await self._link_l2(meta)
                 finally:
@@ -214,6 +224,10 @@ class ClusterAllocation:
                 self.cluster_allocs.insert(0, meta)
             covered = min((keep + nb_clusters) * cs, n_end) - n_start
             host = (cluster_offset if keep else alloc_host) + n_start
+            if meta is not None and self.trace is not None:
+                meta.record = self.trace.allocation(pos, remaining, cs, n_start, n_end, keep, nb_clusters,
+                                                    cluster_offset, alloc_host, meta.nb_available,
+                                                    covered, host)
             return host, covered, meta
 
     def _count_contiguous(self, table: array, idx: int, n: int, first_host: int) -> int:
@@ -263,10 +277,14 @@ class ClusterAllocation:
         # zeros need not be written into clusters that never held data (qemu 7: handle_alloc_space)
         alloc_end = m.alloc_offset + m.nb_clusters * cs if m.fresh else 0
         if m.n_start:
-            await self._copy_range(start, m.alloc_offset, 0, m.n_start, alloc_end)
+            copied = await self._copy_range(start, m.alloc_offset, 0, m.n_start, alloc_end)
+            if m.record is not None and self.trace is not None and copied:
+                self.trace.cow(m.record, "head_cow", start, m.alloc_offset, copied)
         if m.nb_available & (cs - 1):
             end = m.nb_available & ~(cs - 1)
-            await self._copy_range(start + end, m.alloc_offset + end, m.nb_available - end, cs, alloc_end)
+            copied = await self._copy_range(start + end, m.alloc_offset + end, m.nb_available - end, cs, alloc_end)
+            if m.record is not None and self.trace is not None and copied:
+                self.trace.cow(m.record, "tail_cow", start + m.nb_available, m.alloc_offset + m.nb_available, copied)
         await self.events.fire("l2_update")
         table, l2_index = await self._get_cluster_table(m.offset)
         bitmap = EXTL2_ALL_ALLOCATED if self.extended_l2 else 0
@@ -275,17 +293,20 @@ class ClusterAllocation:
             self._set_entry(table, l2_index + i, (m.alloc_offset + i * cs) | fmt.QCOW_OFLAG_COPIED, bitmap)
             self._free_entry(old)
         self.l2cache.mark_dirty(self._l2_offset(m.offset))
+        if m.record is not None and self.trace is not None:
+            self.trace.done(m.record)
 
     async def _copy_range(self, guest_start: int, host_start: int, n_start: int, n_end: int,
-                          fresh_end: int = 0) -> None:
+                          fresh_end: int = 0) -> int:
         """qemu 1.1: copy_sectors(): read the guest view, write it to the new host location.
         Zeros bound for fresh clusters (below ``fresh_end``) are not written.  1.1 copies
-        only up to the end of the disk."""
+        only up to the end of the disk.  Returns the bytes copied."""
         if self.policy.follows_1_1:
             n_end = min(n_end, self.size - guest_start)
         if n_end <= n_start:
-            return
+            return 0
         await self._unlocked(self._copy_unlocked, guest_start, host_start, n_start, n_end, fresh_end)
+        return n_end - n_start
 
     async def _copy_unlocked(self, guest_start, host_start, n_start, n_end, fresh_end):
         await self.events.fire("cow_read")

@@ -19,7 +19,7 @@ class ClusterDiscard:
             return 0, EXTL2_ALL_ZERO
         return fmt.QCOW_OFLAG_ZERO, 0
 
-    async def _set_clusters(self, first: int, last: int, new_for) -> None:
+    async def _set_clusters(self, first: int, last: int, new_for, cause: str) -> None:
         """Rewrite the L2 entries of guest clusters [first, last) with ``new_for(entry, bitmap)``
         (None: leave as is); queues the freed host clusters.  Lock held."""
         c = first
@@ -43,9 +43,9 @@ class ClusterDiscard:
                     old, oldbm = self._entry(table, idx)
                     self._set_entry(table, idx, *new)
                     if old & fmt.L2E_OFFSET_MASK and (new[0] & fmt.L2E_OFFSET_MASK) != (old & fmt.L2E_OFFSET_MASK):
-                        self._free_entry(old)
+                        self._free_entry(old, cause)
                     elif old & fmt.QCOW_OFLAG_COMPRESSED:
-                        self._free_entry(old)
+                        self._free_entry(old, cause)
                 self.l2cache.mark_dirty(self._l2_offset(pos))
             c = span_end
 
@@ -80,7 +80,7 @@ class ClusterDiscard:
             # an allocating write in flight would point L2 at its new cluster after us, with
             # the copy-on-write it made of the cluster's old content (as zero() does, wait)
             await self._wait_in_flight(first, last)
-            await self._set_clusters(first, last, discarded)
+            await self._set_clusters(first, last, discarded, "discard")
         if fua:
             await self.flush()
 
@@ -120,7 +120,7 @@ class ClusterDiscard:
         if last > first:
             async with self.lock:
                 await self._wait_in_flight(first, last)
-                await self._set_clusters(first, last, zeroed)
+                await self._set_clusters(first, last, zeroed, "zero")
         if fua:
             await self.flush()
 
@@ -151,7 +151,7 @@ class ClusterDiscard:
             return None if not entry & fmt.L2E_OFFSET_MASK else 0
 
         async with self.lock:
-            await self._rewrite_l2_1_1(start, (end - start) >> self.cluster_bits, discarded)
+            await self._rewrite_l2_1_1(start, (end - start) >> self.cluster_bits, discarded, "discard")
 
     async def _zero_1_1(self, offset: int, length: int, fast: bool) -> None:
         """1.1 qcow2_co_write_zeroes(): a request not aligned to clusters, or any on a v2 image
@@ -173,9 +173,9 @@ class ClusterDiscard:
             return fmt.QCOW_OFLAG_ZERO if entry & fmt.QCOW_OFLAG_COMPRESSED else entry | fmt.QCOW_OFLAG_ZERO
 
         async with self.lock:
-            await self._rewrite_l2_1_1(offset, length >> self.cluster_bits, zeroed)
+            await self._rewrite_l2_1_1(offset, length >> self.cluster_bits, zeroed, "zero")
 
-    async def _rewrite_l2_1_1(self, offset: int, nb_clusters: int, new_entry) -> None:
+    async def _rewrite_l2_1_1(self, offset: int, nb_clusters: int, new_entry, cause: str) -> None:
         """1.1 discard_single_l2() / zero_single_l2() over each L2 table in turn:
         get_cluster_table() allocates a missing table; ``new_entry(old)`` gives the new entry
         (None: unchanged); the old entry's clusters are freed right after it changed."""
@@ -190,6 +190,6 @@ class ClusterDiscard:
                 self.l2cache.mark_dirty(self._l2_offset(offset))
                 table[i] = new
                 if new & fmt.L2E_OFFSET_MASK != old & fmt.L2E_OFFSET_MASK:
-                    self._free_entry(old)
+                    self._free_entry(old, cause)
             nb_clusters -= n
             offset += n << self.cluster_bits

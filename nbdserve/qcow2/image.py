@@ -47,6 +47,7 @@ from .l2cache import L2Cache, decode_table
 from .mapping import COMPRESSED, DATA, UNALLOCATED, ZERO, ClusterMapping
 from .policy import AllocationPolicy, policy_by_name
 from .refcount import Refcounts, Refcounts11
+from .trace import AllocationTrace
 
 MAX_CHAIN_DEPTH = 256
 L2_CACHE_BYTES = 32 << 20
@@ -148,6 +149,7 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
         self.cluster_allocs: list[L2Meta] = []
         self.pending_free: list[tuple[int, int]] = []   # fixed: (host offset, bytes) freed at next flush
         self.writes_in_flight: list[tuple[int, int]] = []   # (host offset, bytes) written unlocked
+        self.trace: AllocationTrace | None = None   # the allocation trace (trace.py), when on
         self.backing: BlockDevice | None = None
         self._compressed_cache: tuple[int, bytes] | None = None
         self._dirty_bit_set = False
@@ -451,5 +453,7 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
         finally:
             os.close(self.fd)
             self.fd = -1
+            if self.trace is not None:
+                self.trace.close()
             if self.backing is not None:
                 await self.backing.close()

@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import sys
+import time
 
 from ..qcow2.policy import ALLOCATORS
 from .scenarios import SCENARIOS
@@ -38,7 +41,24 @@ def add_arguments(r: argparse.ArgumentParser) -> None:
                    help="guest: a debootstrapped Debian 12 installing real packages with its own dpkg "
                         "(debian, the default) or the fast busybox initramfs unpacking generated "
                         "packages (synthetic)")
+    r.add_argument("--report", metavar="FILE.html",
+                   help="also write a page picturing each qemu-io scenario's runs side by side "
+                        "(host clusters, guest -> host arrows, the allocation of interest and its COW)")
     r.set_defaults(func=cmd_reproduce)
+
+
+class Progress:
+    """One line per step on stderr, with the time since the start, when stderr is a terminal
+    (and not under --json)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.start = time.monotonic()
+
+    def step(self, text: str) -> None:
+        if self.enabled:
+            elapsed = int(time.monotonic() - self.start)
+            print(f"[{elapsed // 60}:{elapsed % 60:02d}] {text}", file=sys.stderr, flush=True)
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
@@ -54,6 +74,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     with_guest = args.scenario in ("guest", "all")
     clients = [args.client] if args.client else (list(GUEST_CLIENTS) if args.scenario == "all" else ["virtio"])
 
+    if args.report and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):
+        raise SystemExit(f"nbdserve: error: reproduce --report {args.report}: no such folder")
     missing = None
     if with_guest:
         from ..guest import missing_requirements
@@ -61,9 +83,18 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         if missing and args.scenario == "guest":
             raise SystemExit(f"nbdserve: error: reproduce guest: {missing}")
 
+    pictured = []
+    guests = []
+    progress = Progress(not args.json and sys.stderr.isatty())
+
+    async def run(name: str, allocator: str):
+        progress.step(f"{name} under {allocator}")
+        return await run_scenario(SCENARIOS[name], allocator, keep=args.keep)
+
     async def main() -> None:
         for i, name in enumerate(names):
-            results = [await run_scenario(SCENARIOS[name], a, keep=args.keep) for a in allocators]
+            results = [await run(name, a) for a in allocators]
+            pictured.append((SCENARIOS[name], results))
             if args.json:
                 for r in results:
                     print(r.to_json(), flush=True)
@@ -81,7 +112,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         from ..guest import format_guest_results, run_guest
         for client in clients:
             for allocator in allocators:
+                progress.step(f"guest via {client} under {allocator} ({args.runs} run{'s' if args.runs > 1 else ''})")
                 results = await run_guest(allocator, client, args.runs, args.keep, workload=args.workload)
+                guests.append(results)
                 if args.json:
                     for r in results:
                         print(r.to_json(), flush=True)
@@ -91,4 +124,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                     print(format_guest_results(results), flush=True)
 
     trio.run(main)
+    progress.step("done")
+    if args.report:
+        from .report import write_report
+        try:
+            write_report(args.report, pictured, guests)
+        except OSError as e:
+            raise SystemExit(f"nbdserve: error: reproduce --report {args.report}: {e.strerror}") from None
     return 0

@@ -14,7 +14,10 @@ import trio
 from ..config import ExportConfig, ServerConfig
 from ..qcow2.create import create_image
 from ..server import run_server
+from ..qcow2.trace import read_trace
+from .culprits import allocations_of, describe_culprit, find_culprits, offset_text, size_text
 from .model import DiskModel, differing_ranges, pattern_checks
+from .report import host_layout
 from .piped import run_script
 from .scenarios import Scenario
 
@@ -35,9 +38,24 @@ class RunResult:
     delays: dict[str, float] = field(default_factory=dict)
     breakpoints: dict[str, bool] = field(default_factory=dict)   # script's tag -> a request stopped there
     workdir: str | None = None
+    allocations: list[dict] = field(default_factory=list)   # culprits.ALLOCATION_KEYS, in allocation order
+    culprits: list[dict] = field(default_factory=list)      # per bad range piece (culprits.find_culprits)
+    # not in the JSON: what the report draws
+    cluster_size: int = 0
+    trace: list[dict] = field(default_factory=list)         # the whole allocation trace (qcow2/trace.py)
+    host_map: list[dict] = field(default_factory=list)      # qemu-img map --output=json of the overlay
+    host_kinds: list[str] = field(default_factory=list)     # per host cluster (report.host_layout)
+
+    HIDDEN = ("cluster_size", "trace", "host_map", "host_kinds")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        d = asdict(self)
+        for key in self.HIDDEN:
+            del d[key]
+        return json.dumps(d)
+
+    def culprit_lines(self) -> list[str]:
+        return [describe_culprit(c, self.allocations, self.trace, self.cluster_size) for c in self.culprits]
 
 
 async def _run(argv: list[str], check: bool = True) -> trio.CompletedProcess:
@@ -77,8 +95,10 @@ async def run_scenario(scenario: Scenario, allocator: str, *, keep: bool = False
             model.apply(command)
         expected = bytes(model.data)
         actual_path = os.path.join(workdir, "actual.raw")
+        trace_path = os.path.join(workdir, "trace.jsonl")
         config = ServerConfig(exports=[ExportConfig(name=EXPORT, image=top, format="qcow2",
-                                                    allocator=allocator, delays=dict(scenario.delays))],
+                                                    allocator=allocator, delays=dict(scenario.delays),
+                                                    trace=trace_path)],
                               bind="127.0.0.1", port=0,
                               control=os.path.join(workdir, "control.sock") if scenario.script else None)
         shutdown = trio.Event()
@@ -112,13 +132,19 @@ async def run_scenario(scenario: Scenario, allocator: str, *, keep: bool = False
         check = await _run(["qemu-img", "check", "--output=json", top], check=False)
         verdict = json.loads(check.stdout or b"{}")
         verdict["exit"] = check.returncode
+        mapped = await _run(["qemu-img", "map", "--output=json", top])
+        host_map = json.loads(mapped.stdout)
+        trace = read_trace(trace_path)
+        host_kinds = await host_layout(top, scenario.cluster_size, host_map)
         bad = differing_ranges(expected, actual)
         return RunResult(
             scenario=scenario.name, allocator=allocator,
             corrupted=bool(bad) or not all(c["ok"] for c in check_results),
             expected_md5=hashlib.md5(expected).hexdigest(), actual_md5=hashlib.md5(actual).hexdigest(),
             bad_ranges=[[o, n] for o, n in bad], checks=check_results, qemu_img_check=verdict,
-            delays=dict(scenario.delays), breakpoints=hit, workdir=workdir if keep else None)
+            delays=dict(scenario.delays), breakpoints=hit, workdir=workdir if keep else None,
+            allocations=allocations_of(trace), culprits=find_culprits(bad, trace, host_map, scenario.cluster_size),
+            cluster_size=scenario.cluster_size, trace=trace, host_map=host_map, host_kinds=host_kinds)
     finally:
         if own and not keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -139,7 +165,7 @@ def format_side_by_side(results: list[RunResult]) -> str:
     def ranges(r: RunResult) -> str:
         if not r.bad_ranges:
             return "-"
-        return " ".join(f"{o:#x}+{n // 1024}K" for o, n in r.bad_ranges[:4]) + (" ..." if len(r.bad_ranges) > 4 else "")
+        return " ".join(f"{offset_text(o)}+{size_text(n)}" for o, n in r.bad_ranges[:4]) + (" ..." if len(r.bad_ranges) > 4 else "")
 
     rows = [("allocator", [r.allocator for r in results]),
             ("corrupted", ["YES" if r.corrupted else "no" for r in results])]
@@ -158,4 +184,8 @@ def format_side_by_side(results: list[RunResult]) -> str:
     lines = [f"scenario {results[0].scenario}" + (f" (delays: {results[0].delays})" if results[0].delays else "")]
     for key, vals in rows:
         lines.append(key.ljust(width) + "".join(v.ljust(colw) for v in vals).rstrip())
+    for r in results:
+        if r.culprits:
+            lines.append(f"culprits under {r.allocator}:")
+            lines += [f"  {line}" for line in r.culprit_lines()]
     return "\n".join(lines)

@@ -14,7 +14,8 @@ import trio
 
 from ..config import parse_errno
 from ..control import MAX_LINE, ControlError, encode, parse_reply, parse_request, reply_error, reply_ok
-from .exports import RAW_HAS_NO_EVENTS, Export, blkdebug
+from ..images import ImageError
+from .exports import RAW_HAS_NO_EVENTS, Export, blkdebug, start_trace, stop_trace
 
 log = logging.getLogger("nbdserve.server")
 
@@ -108,7 +109,7 @@ class Control:
             log.exception("control: %r failed", line)
             return reply_error(f"internal error: {e}")
 
-    def _events(self, request: dict):
+    def _export(self, request: dict) -> Export:
         name = request.get("export")
         if name is None:
             if len(self.exports) != 1:
@@ -118,13 +119,36 @@ class Control:
         export = self.exports.get(name)
         if export is None:
             raise ControlError(f"no export named {name!r} (exports: {', '.join(repr(n) for n in self.exports)})")
+        return export
+
+    def _events(self, request: dict):
+        export = self._export(request)
         events = blkdebug(export.device)
         if events is None:
-            raise ControlError(f"export {name!r} serves a raw file: {RAW_HAS_NO_EVENTS}")
+            raise ControlError(f"export {export.config.name!r} serves a raw file: {RAW_HAS_NO_EVENTS}")
         return events
+
+    def _trace(self, request: dict) -> None:
+        """``trace on [file]``: the allocation trace into ``file`` (default: the export's
+        ``trace`` setting); ``trace off``: stop it, closing its file."""
+        export = self._export(request)
+        if request["state"] == "off":
+            stop_trace(export.image)
+            return
+        path = request.get("file") or export.config.trace
+        if path is None:
+            raise ControlError(f"export {export.config.name!r} has no trace file: "
+                               "give one (trace on FILE) or serve with --trace FILE")
+        try:
+            start_trace(f"export {export.config.name!r}", export.image, path)
+        except ImageError as e:
+            raise ControlError(str(e)) from None
 
     async def execute(self, request: dict) -> dict:
         """Carry out a checked request (control.parse_request); ValueError/ControlError refuse it."""
+        if request["cmd"] == "trace":
+            self._trace(request)
+            return reply_ok()
         cmd, events = request["cmd"], self._events(request)
         if cmd == "break":
             events.set_break(request["event"], request["tag"])

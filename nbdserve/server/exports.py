@@ -57,6 +57,7 @@ class Export:
     device: BlockDevice
     info: ExportInfo
     bitmaps: dict[str, DirtyBitmap] = field(default_factory=dict)   # context name -> bitmap
+    image: BlockDevice | None = None   # the image under the filters (device without them)
 
 
 async def open_export(config: ExportConfig) -> Export:
@@ -82,6 +83,9 @@ def _export(config: ExportConfig, device: BlockDevice) -> Export:
     if config.inject_errors:
         _inject_errors(config, device)
     bitmaps = _find_bitmaps(config, device)
+    image = device
+    if config.trace:
+        start_trace(config.image, image, config.trace)
     if not config.discard or config.cache != "writeback" or config.detect_zeroes != "off":
         from ..blockdev.qemu_options import QemuBlockOptions
         device = QemuBlockOptions(device, discard=config.discard,
@@ -96,7 +100,7 @@ def _export(config: ExportConfig, device: BlockDevice) -> Export:
     return Export(config, device, export_info(config.name, device, config.description,
                                               allocation_depth=config.allocation_depth,
                                               multi_conn=config.multi_conn, bitmaps=config.bitmaps),
-                  {CONTEXT_QEMU_DIRTY_BITMAP + b.name: b for b in bitmaps})
+                  {CONTEXT_QEMU_DIRTY_BITMAP + b.name: b for b in bitmaps}, image)
 
 
 def _find_bitmaps(config: ExportConfig, device: BlockDevice) -> list[DirtyBitmap]:
@@ -120,6 +124,28 @@ def _find_bitmaps(config: ExportConfig, device: BlockDevice) -> list[DirtyBitmap
 
 
 RAW_HAS_NO_EVENTS = "a raw file has no blkdebug events"
+RAW_HAS_NO_TRACE = "a raw file has no cluster allocations to trace"
+
+
+def start_trace(name: str, image: BlockDevice, path: str) -> None:
+    """Trace the qcow2 engine's allocations into ``path`` (qcow2/trace.py), replacing a trace
+    already on.  ImageError for a raw file or a file that cannot be opened."""
+    if not hasattr(image, "trace"):
+        raise ImageError(f"{name}: trace needs a qcow2 image ({RAW_HAS_NO_TRACE})")
+    from ..qcow2.trace import AllocationTrace
+    try:
+        trace = AllocationTrace(path)
+    except OSError as e:
+        raise ImageError(f"{name}: trace file {path}: {e.strerror}") from None
+    stop_trace(image)
+    image.trace = trace
+
+
+def stop_trace(image: BlockDevice) -> None:
+    old = getattr(image, "trace", None)
+    if old is not None:
+        image.trace = None
+        old.close()
 
 
 def blkdebug(device: BlockDevice):
