@@ -120,7 +120,7 @@ def test_trace_on_off_through_the_control_socket(nbdserve, tmp_path):
 def test_trace_refusals(nbdserve, tmp_path):
     raw = tmp_path / "disk.raw"
     raw.write_bytes(bytes(1 << 20))
-    p = subprocess.run([*nbdserve_command(), "serve", str(raw), "-p", str(free_port()),
+    p = subprocess.run([*nbdserve_command(), "serve", str(raw), "-f", "raw", "-p", str(free_port()),
                         "--trace", str(tmp_path / "t.jsonl")], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1
     assert p.stderr == (f"nbdserve: error: {raw}: trace needs a qcow2 image "

@@ -336,13 +336,13 @@ class PersistentBitmaps:
         fileio.fsync(img.fd)
         self._write_extension(len(new_entries), len(directory), dir_offset)
         self._write_autoclear(img.header.autoclear_features | fmt.AUTOCLEAR_BITMAPS)
-        img._free_clusters(old_offset & ~(cs - 1), -(-(old_offset % cs + old_size) // cs) * cs)
+        img._free_clusters(old_offset & ~(cs - 1), -(-(old_offset % cs + old_size) // cs) * cs, "bitmap")
         for e in drop:   # qemu: free_bitmap_clusters()
             for entry in read_table(img.fd, e):
                 off = entry & fmt.BME_TABLE_ENTRY_OFFSET_MASK
                 if off and check_table_entry(entry, cs):
-                    img._free_clusters(off, cs)
-            img._free_clusters(e.table_offset, -(-e.table_size * 8 // cs) * cs)
+                    img._free_clusters(off, cs, "bitmap")
+            img._free_clusters(e.table_offset, -(-e.table_size * 8 // cs) * cs, "bitmap")
         self.entries = new_entries
 
     def _store_bitmap(self, bm: DirtyBitmap, old: BitmapDirEntry) -> BitmapDirEntry:

@@ -17,8 +17,9 @@ One JSON object per line, each with ``"event"``:
   ``seq`` of each host write;
 - ``write``: a write into kept clusters alone (no allocation): guest, host, length;
 - ``free``: host clusters returned by ``cause`` ``discard``, ``zero`` (compressed
-  clusters dropped by write-zeroes), ``replaced`` (an L2 entry pointed elsewhere) or
-  ``l2_table`` (an L2 table copied on write); ``deferred`` for the fixed allocator,
+  clusters dropped by write-zeroes), ``replaced`` (an L2 entry pointed elsewhere),
+  ``l2_table`` (an L2 table copied on write) or ``bitmap`` (a dirty bitmap's old clusters,
+  stored anew at close); ``deferred`` for the fixed allocator,
   which returns them at the next flush.
 
 Off by default: the image's ``trace`` attribute is None and each hook costs one test.
