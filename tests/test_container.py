@@ -54,45 +54,52 @@ def _columns(block: str, label: str) -> list[str]:
     raise AssertionError(f"no {label!r} row in:\n{block}")
 
 
-GUEST_RUN = re.compile(r"^run \d+ allocator=(\S+) client=(\S+): (\S+); debian, partition at sector 63, "
-                       r"\d+ packages installed at the end; (\d+) files checked, (\d+) corrupted; "
-                       r"(\d+) archives damaged; qemu-img check: (\S+);", re.M)
-GUEST_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nbdserve-guest")
+GUEST_RUN = re.compile(r"^run \d+ allocator=(\S+) client=(\S+): (\S+); (\d+) files checked, (\d+) corrupted; "
+                       r"qemu-img check: (\S+);", re.M)
+PAIR = ("qemu-1.1.2", "qemu-1.1.2+b7ab0fea")     # reproduce's default A/B
 
 
 def test_default_command_reproduces_every_scenario(podman):
-    """``podman run nbdserve``: every qemu-io scenario, then the guest through both client
-    paths, each with both allocators."""
+    """``podman run nbdserve``'s command (``reproduce all``): every qemu-io scenario, then the
+    guest through both client paths, each with both allocators of the A/B.  The guest here
+    runs the synthetic workload, for CI's time: the Debian guest (the default workload, 2 to
+    7 minutes a boot) is booted on the host by tests/test_guest.py."""
     config = json.loads(run(podman, "image", "inspect", IMAGE).stdout)[0]["Config"]
     assert config["Entrypoint"] == ["nbdserve"] and config["Cmd"] == ["reproduce", "all"]
-    # the Debian guest's base image (debootstrap, apt-get download) as the host built it
-    # for tests/test_guest.py: the container's own mirror and recipe give the same cache key
-    os.makedirs(GUEST_CACHE, exist_ok=True)
-    out = run(podman, "run", "--rm", "-v", f"{GUEST_CACHE}:/var/cache/nbdserve-guest", IMAGE,
-              timeout=1800).stdout
+    out = run(podman, "run", "--rm", IMAGE, *config["Cmd"], "--workload", "synthetic", timeout=1800).stdout
     blocks = {b.split("\nscenario ", 1)[1].split()[0]: b for b in out.split("\n\n") if "\nscenario " in b}
     assert sorted(blocks) == sorted(SCENARIOS), out
     for name, block in blocks.items():
         allocators = _columns(block, "allocator")
         corrupted = dict(zip(allocators, _columns(block, "corrupted")))
-        assert corrupted == {"fixed": "no", "qemu-1.1.2": "YES"}, block
+        assert corrupted == {"qemu-1.1.2": "YES", "qemu-1.1.2+b7ab0fea": "no"}, block
         verdicts = _columns(block, "qemu-img check")
         assert verdicts == ["clean", "clean"], block
     guest = {(m[0], m[1]): m[2:] for m in GUEST_RUN.findall(out)}
-    assert sorted(guest) == sorted((a, c) for a in ("fixed", "qemu-1.1.2") for c in ("virtio", "nbd-client")), out
-    for (allocator, client), (state, checked, bad, archives, verdict) in guest.items():
-        assert int(checked) > 3000 and verdict == "clean", (allocator, client, out)
-        if allocator == "fixed":
-            assert state == "ok" and bad == "0" and archives == "0", (client, out)
+    assert sorted(guest) == sorted((a, c) for a in PAIR for c in ("virtio", "nbd-client")), out
+    for (allocator, client), (state, checked, bad, verdict) in guest.items():
+        assert int(checked) > 50 and verdict == "clean", (allocator, client, out)
+        if allocator == "qemu-1.1.2+b7ab0fea":
+            assert state == "ok" and bad == "0", (client, out)
         else:
             assert state == "CORRUPTED", (client, out)
 
 
+ALLOCATING_WRITE = ("write -P 0x77 0 480k", "aio_write -P 0x77 0 480k")   # keeps 5, allocates 2 (both scenarios)
+
+
+def _commands(scenario) -> list[str]:
+    """The scenario's qemu-io commands in order (its blkdebug commands go to the server)."""
+    return [c for c in (*scenario.setup, *(c for inv in scenario.invocations for c in inv), *scenario.script)
+            if c.split()[0] in ("write", "aio_write", "discard", "aio_flush", "flush")]
+
+
 def _stale_tail(scenario, before: bytes) -> tuple[int, bytes]:
-    """What the tail COW of the invocation's first write copies: the bytes from the write's
-    end to its cluster's end as they were before the invocation, and where in a cluster
-    they start.  qemu 1.1.2 wrote them into the wrong host cluster (README)."""
-    argv = shlex.split(scenario.invocations[0][0])
+    """What the tail COW of the allocating write copies: the bytes from the write's end to its
+    cluster's end as they were before that write, and where in a cluster they start.  qemu
+    1.1.2 wrote them into the wrong host cluster (README)."""
+    [command] = [c for c in _commands(scenario) if c in ALLOCATING_WRITE]
+    argv = shlex.split(command)
     end = parse_size(argv[-2]) + parse_size(argv[-1])
     cluster_end = -(-end // scenario.cluster_size) * scenario.cluster_size
     return end % scenario.cluster_size, before[end:cluster_end]
@@ -106,18 +113,18 @@ def test_reproduce_images_as_qemu_img_reads_them(podman, tmp_path):
     out = "".join(run(podman, "run", "--rm", "-v", f"{kept}:/kept", "-e", "TMPDIR=/kept", IMAGE,
                       "reproduce", name, "--json", "--keep").stdout for name in SCENARIOS)
     results = {(r["scenario"], r["allocator"]): r for r in map(json.loads, out.splitlines())}
-    assert sorted(results) == sorted((s, a) for s in SCENARIOS for a in ("fixed", "qemu-1.1.2"))
+    assert sorted(results) == sorted((s, a) for s in SCENARIOS for a in PAIR)
     for name, scenario in SCENARIOS.items():
         base = bytes([scenario.base_pattern]) * scenario.base_length
         model = DiskModel(base + bytes(scenario.size - len(base)), scenario.cluster_size)
-        for command in scenario.setup:
-            model.apply(command)
-        before = bytes(model.data)
-        for command in (c for inv in scenario.invocations for c in inv):
+        before = None
+        for command in _commands(scenario):
+            if command in ALLOCATING_WRITE:
+                before = bytes(model.data)
             model.apply(command)
         expected = bytes(model.data)
         checks = pattern_checks(list(scenario.checks))
-        for allocator in ("fixed", "qemu-1.1.2"):
+        for allocator in PAIR:
             r = results[name, allocator]
             top = kept / r["workdir"].removeprefix("/kept/") / "top.qcow2"
             check(top)                                 # the 1.1.2 bug corrupts data, not metadata
@@ -127,7 +134,7 @@ def test_reproduce_images_as_qemu_img_reads_them(podman, tmp_path):
             bad = [list(b) for b in differing_ranges(expected, actual)]
             assert r["bad_ranges"] == bad
             failed = {c["command"] for c in r["checks"] if not c["ok"]}
-            if allocator == "fixed":
+            if allocator == "qemu-1.1.2+b7ab0fea":
                 assert actual == expected and not failed and not r["corrupted"], r
                 continue
             assert r["corrupted"] and bad, r
