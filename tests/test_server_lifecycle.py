@@ -61,3 +61,19 @@ async def test_qcow2_export_reads_like_qemu(tmp_path, nursery):
     out = (await run("qemu-io", "-f", "raw", server.uri("q"), "-c", "write -P 0x77 2M 64k",
                      "-c", "read -P 0x77 2M 64k", "-c", "read -P 0x5a 1M 64k")).stdout.decode()
     assert "Pattern verification failed" not in out
+
+
+def test_an_exiting_server_leaves_a_newer_servers_socket(nbdserve, tmp_path):
+    """qemu-iotests' _stop_nbd_server: kill the server, remove its socket, start the next on
+    the same path at once.  The old one, still exiting, must not remove the new one's socket."""
+    import subprocess
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(bytes(1 << 20))
+    sock = tmp_path / "nbd.sock"
+    old = nbdserve("serve", "-f", "raw", "-x", "d", "-k", str(sock), str(disk), "-r")
+    sock.unlink()
+    new = nbdserve("serve", "-f", "raw", "-x", "d", "-k", str(sock), str(disk), "-r")
+    assert old.stop() == 0
+    assert sock.exists()
+    out = subprocess.run(["nbdinfo", "--size", new.uri], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.strip() == str(1 << 20), out

@@ -37,9 +37,13 @@ def _ensure_logging() -> None:
 
 
 async def _unix_listener(path: str, mode: int | None = None) -> trio.SocketListener:
-    """Listen on a Unix socket at ``path``; a stale socket there from an earlier run is replaced."""
-    if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
-        os.unlink(path)
+    """Listen on a Unix socket at ``path``; a stale socket there from an earlier run is replaced
+    (it may vanish meanwhile: qemu-iotests remove it while the old server is still exiting)."""
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.bind(path)
@@ -50,6 +54,25 @@ async def _unix_listener(path: str, mode: int | None = None) -> trio.SocketListe
         os.chmod(path, mode)
     sock.listen(128)
     return trio.SocketListener(sock)
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file at ``path``, None when there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _remove_our_socket(path: str, ours: tuple[int, int] | None) -> None:
+    """Remove the socket file at ``path`` if it is still ``ours`` (its identity when bound): a
+    server started since on the same path (while this one was exiting) keeps its own."""
+    if ours is not None and _identity(path) == ours:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 async def _open_listeners(config: ServerConfig) -> tuple[list[trio.SocketListener], list]:
@@ -148,8 +171,11 @@ async def run_server(config: ServerConfig, *, task_status=trio.TASK_STATUS_IGNOR
                      exports[export_config.name].info.size, exports[export_config.name].info.flags)
         server = _Server(config, exports, stop)
         listeners, bound = await _open_listeners(config)
+        ours = {config.unix_socket: _identity(config.unix_socket)} if config.unix_socket else {}
         # the control socket (owner only: it can stop and fail requests); its clients end at shutdown
         control = [await _unix_listener(config.control, 0o600)] if config.control else []
+        if config.control:
+            ours[config.control] = _identity(config.control)
         async with trio.open_nursery() as outer:
             outer.start_soon(_wait_for_signal, stop)
             async with trio.open_nursery() as connections:
@@ -172,16 +198,18 @@ async def run_server(config: ServerConfig, *, task_status=trio.TASK_STATUS_IGNOR
                     session.stop_reading()
                 connections.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
             outer.cancel_scope.cancel()
-        for path in (config.unix_socket, config.control):
-            if path and os.path.exists(path):
-                os.unlink(path)
+        for path, identity in ours.items():
+            _remove_our_socket(path, identity)
     finally:
         with trio.CancelScope(shield=True):
             for name, export in exports.items():
                 try:
                     await export.device.flush()
+                except Exception:   # noqa: BLE001
+                    log.exception("export %r: flush failed", name)
+                try:   # closed even when the flush failed: the file and its image locks are released
                     await export.device.close()
                 except Exception:   # noqa: BLE001
-                    log.exception("export %r: flush/close failed", name)
+                    log.exception("export %r: close failed", name)
         if listening:
             log.info("stopped")
