@@ -66,7 +66,10 @@ def test_default_command_reproduces_every_scenario(podman):
     7 minutes a boot) is booted on the host by tests/test_guest.py."""
     config = json.loads(run(podman, "image", "inspect", IMAGE).stdout)[0]["Config"]
     assert config["Entrypoint"] == ["nbdserve"] and config["Cmd"] == ["reproduce", "all"]
-    out = run(podman, "run", "--rm", IMAGE, *config["Cmd"], "--workload", "synthetic", timeout=1800).stdout
+    # two boots per allocator and path: the reproduction is a race with the guest's writeback
+    # (20 of 20 runs corrupted on the host, README), so one boot could miss it by chance
+    out = run(podman, "run", "--rm", IMAGE, *config["Cmd"], "--workload", "synthetic", "--runs", "2",
+              timeout=1800).stdout
     blocks = {b.split("\nscenario ", 1)[1].split()[0]: b for b in out.split("\n\n") if "\nscenario " in b}
     assert sorted(blocks) == sorted(SCENARIOS), out
     for name, block in blocks.items():
@@ -75,14 +78,18 @@ def test_default_command_reproduces_every_scenario(podman):
         assert corrupted == {"qemu-1.1.2": "YES", "qemu-1.1.2+b7ab0fea": "no"}, block
         verdicts = _columns(block, "qemu-img check")
         assert verdicts == ["clean", "clean"], block
-    guest = {(m[0], m[1]): m[2:] for m in GUEST_RUN.findall(out)}
+    guest: dict[tuple[str, str], list[tuple]] = {}
+    for m in GUEST_RUN.findall(out):
+        guest.setdefault((m[0], m[1]), []).append(m[2:])
     assert sorted(guest) == sorted((a, c) for a in PAIR for c in ("virtio", "nbd-client")), out
-    for (allocator, client), (state, checked, bad, verdict) in guest.items():
-        assert int(checked) > 50 and verdict == "clean", (allocator, client, out)
-        if allocator == "qemu-1.1.2+b7ab0fea":
-            assert state == "ok" and bad == "0", (client, out)
-        else:
-            assert state == "CORRUPTED", (client, out)
+    for (allocator, client), runs in guest.items():
+        assert len(runs) == 2, (allocator, client, out)
+        for state, checked, bad, verdict in runs:
+            assert int(checked) > 50 and verdict == "clean", (allocator, client, out)
+            if allocator == "qemu-1.1.2+b7ab0fea":
+                assert state == "ok" and bad == "0", (client, out)
+        if allocator == "qemu-1.1.2":
+            assert any(state == "CORRUPTED" for state, *_ in runs), (client, out)
 
 
 ALLOCATING_WRITE = ("write -P 0x77 0 480k", "aio_write -P 0x77 0 480k")   # keeps 5, allocates 2 (both scenarios)
