@@ -11,9 +11,8 @@ def metadata_preallocation(img) -> bool:
     Only then does qemu ask the host file about holes inside data clusters
     (BDRV_BLOCK_RECURSE), so ``qemu-img map`` shows them as zero.
     """
-    cached = getattr(img, "_nbdserve_prealloc", None)
-    if cached is not None:
-        return cached
+    if img.metadata_preallocated is not None:   # decided once per open, as qemu does
+        return img.metadata_preallocated
     st = os.fstat(img.fd)
     real_clusters = st.st_blocks * 512 // img.cluster_size
     threshold = max(real_clusters * 10 // 9, real_clusters + 2)
@@ -23,5 +22,5 @@ def metadata_preallocation(img) -> bool:
         if count >= threshold:
             break
         count += img.refcounts.get(i) != 0
-    img._nbdserve_prealloc = result = count >= threshold
+    img.metadata_preallocated = result = count >= threshold
     return result

@@ -153,6 +153,7 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
         self.backing: BlockDevice | None = None
         self._compressed_cache: tuple[int, bytes] | None = None
         self._dirty_bit_set = False
+        self.metadata_preallocated: bool | None = None   # holes.metadata_preallocation() decides it
         # a read-only image's file does not change while served: its data may go out as FileSlices
         self._file_size = os.fstat(fd).st_size if read_only else 0
         self.bitmaps = PersistentBitmaps(self)
