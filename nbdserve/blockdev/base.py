@@ -91,7 +91,7 @@ class BlockDevice(abc.ABC):
       range is checked with :func:`check_range`; failures are ``OSError`` with an errno;
     - may, as pure optimisations the transport uses when offered (the results must be
       exactly those of the async methods): ``read_sparse_now`` / ``pwrite_now``, answering
-      at once or saying "not now" (None / False), never waiting, never changing metadata;
+      at once or saying "not now" (None / False), never waiting;
       and ``FileSlice`` data in ``read_sparse_now(file_slices=True)``, only for bytes of a
       file that cannot change while served (a read-only layer).
     """
@@ -148,7 +148,7 @@ class BlockDevice(abc.ABC):
         return None
 
     def pwrite_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
-        """Write in place if that needs no waiting and no metadata change; False: call pwrite()."""
+        """Write now if that needs no waiting; False: nothing was written, call pwrite()."""
         return False
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:

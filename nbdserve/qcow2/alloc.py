@@ -106,7 +106,8 @@ class ClusterAllocation:
 
     def pwrite_now(self, offset: int, data) -> bool:
         """Write in place when every cluster touched is allocated and COPIED (qemu 1.1: the
-        "keep" clusters of qcow2_alloc_cluster_offset(), which need no metadata change).
+        "keep" clusters of qcow2_alloc_cluster_offset(), which need no metadata change),
+        else allocate at once where that cannot wait (_allocate_now).
         Only when no request holds the lock and no blkdebug event is armed, so the
         allocator's interleavings are exactly those of pwrite()."""
         if (self.events.armed or self.lock.locked() or self.read_only or self.corrupt
@@ -119,13 +120,13 @@ class ClusterAllocation:
         while pos < end:
             l1_index = pos >> self.l1_shift
             if l1_index >= len(self.l1) or not self.l1[l1_index] & fmt.QCOW_OFLAG_COPIED:
-                return False
+                return self._allocate_now(offset, data)
             table = self._l2_table_for(l1_index)
             if table is None:
-                return False
+                return self._allocate_now(offset, data)
             entry, bitmap = self._entry(table, (pos >> self.cluster_bits) & (self.l2_entries - 1))
             if not self._keepable(entry, bitmap):
-                return False
+                return self._allocate_now(offset, data)
             host = (entry & fmt.L2E_OFFSET_MASK) + (pos & cmask)
             n = min(end, (pos | cmask) + 1) - pos
             if runs and runs[-1][0] + runs[-1][2] == host:
@@ -142,6 +143,22 @@ class ClusterAllocation:
                 self.trace.write(offset + start, host, n)
         return True
 
+    def _allocate_now(self, offset: int, data) -> bool:
+        """Run pwrite() to its end here when it cannot suspend: ``fixed`` (the qemu-1.1.2
+        modes keep qemu's unlock points, where other requests interleave), no backing file
+        (copy-on-write reads nothing that could wait), no allocation in flight to wait for;
+        pwrite_now() made sure the lock is free, no event is armed and the write is small
+        (its data and copy-on-write are written with the lock held: _keeps_lock)."""
+        if self.policy.follows_1_1 or self.backing is not None or self.cluster_allocs:
+            return False
+        coro = self.pwrite(offset, data)
+        try:
+            coro.send(None)
+        except StopIteration:
+            return True
+        coro.close()
+        raise AssertionError("an allocating write run at once tried to suspend")
+
     async def pwrite(self, offset: int, data, fua: bool = False) -> None:
         self._check_writable(offset, len(data))
         mv = memoryview(data).cast("B")
@@ -151,12 +168,16 @@ class ClusterAllocation:
             while done < len(mv):
                 host, n, meta = await self._alloc_cluster_offset(offset + done, len(mv) - done)
                 try:
-                    span = (host, n)
-                    self.writes_in_flight.append(span)
-                    try:
-                        await self._unlocked(self._write_data, host, mv[done:done + n])
-                    finally:
-                        self.writes_in_flight.remove(span)
+                    if self._keeps_lock(n):
+                        self.events.fire_sync("write_aio")
+                        pwrite_all(self.fd, mv[done:done + n], host)
+                    else:
+                        span = (host, n)
+                        self.writes_in_flight.append(span)
+                        try:
+                            await self._unlocked(self._write_data, host, mv[done:done + n])
+                        finally:
+                            self.writes_in_flight.remove(span)
                     if self.trace is not None:
                         if meta is None:
                             self.trace.write(offset + done, host, n)
@@ -305,10 +326,19 @@ class ClusterAllocation:
             n_end = min(n_end, self.size - guest_start)
         if n_end <= n_start:
             return 0
-        await self._unlocked(self._copy_unlocked, guest_start, host_start, n_start, n_end, fresh_end)
+        if self._keeps_lock(n_end - n_start):
+            await self._copy(guest_start, host_start, n_start, n_end, fresh_end)
+        else:
+            await self._unlocked(self._copy, guest_start, host_start, n_start, n_end, fresh_end)
         return n_end - n_start
 
-    async def _copy_unlocked(self, guest_start, host_start, n_start, n_end, fresh_end):
+    def _keeps_lock(self, nbytes: int) -> bool:
+        """``fixed`` with no event armed: I/O this small does not sleep, so releasing s->lock
+        around it would only hand the lock to the next waiting request and back.  The
+        qemu-1.1.2 modes keep qemu's unlock points: other requests interleave there."""
+        return nbytes < THREADED_WRITE and not self.policy.follows_1_1 and not self.events.armed
+
+    async def _copy(self, guest_start, host_start, n_start, n_end, fresh_end):
         await self.events.fire("cow_read")
         lo = guest_start + n_start
         inside = max(0, min(n_end - n_start, self.size - lo))

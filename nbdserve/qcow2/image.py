@@ -8,7 +8,9 @@ refcounts and the L2 table cache.
 
 Concurrency follows qemu's coroutine model: one ``lock`` (qemu's ``s->lock``)
 guards metadata; it is released around data I/O and copy-on-write, which is
-where other requests interleave.
+where other requests interleave (``fixed`` keeps it around small I/O when no event
+is armed, and then answers allocating writes without a task: alloc.py _keeps_lock,
+_allocate_now).
 
 Durability (flush): data and refcount increments are written through; L2 and
 L1 changes are cached and written at flush only after an fsync made the data
