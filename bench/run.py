@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmark: nbdserve vs qemu-nbd (and nbdkit when it can read qcow2).
+"""Side-by-side benchmark: nbdserve vs qemu-nbd (and nbdkit when it can read qcow2), issue 19's rows.
 
 Run by hand (never by CI or pytest):
 
     .venv/bin/python bench/run.py [--repeat N] [--runtime S] [--quick] [--json FILE]
 
 See bench/README.md for what it measures and prints.  It needs qemu-img, qemu-io,
-qemu-nbd, fio (with its nbd engine) and nbdinfo; nbdkit is optional.
+qemu-nbd, fio (with its nbd engine), nbdcopy, nbdinfo and openssl; nbdkit is optional.
 """
 
 from __future__ import annotations
