@@ -15,6 +15,19 @@ def skipped(lines: list[str], title: str, part: dict) -> bool:
     return "skipped" in part
 
 
+def ratio_cells(ratio, target, sense: str, met) -> str:
+    """The ratio, target and result columns ("(no target)" when target is None)."""
+    text = f" {ratio:>6.2f}x" if ratio is not None else f" {'n/a':>7}"
+    if target is None:
+        return text + f" {'-':>8}  (no target)"
+    return text + f" {sense + format(target, '.1f') + 'x':>8}  {mark(met)}"
+
+
+def check_figures(ck: dict) -> str:
+    return ", ".join(f"{k} {ck[k]['seconds']:.2f} s, {ck[k]['peak_rss_mib']:.1f} MiB (rc {ck[k]['rc']})"
+                     for k in ("nbdserve", "qemu-img"))
+
+
 def report(res: dict) -> str:
     L = []
     m = res["meta"]
@@ -27,7 +40,8 @@ def report(res: dict) -> str:
     if res.get("nbdkit_note"):
         L.append(f"nbdkit skipped: {res['nbdkit_note']}")
     L.append("")
-    hdr = f"{'workload':<20} {'unit':<6} {'nbdserve':>10} {'qemu-nbd':>10}"
+    W = 34
+    hdr = f"{'workload':<{W}} {'unit':<6} {'nbdserve':>10} {'qemu-nbd':>10}"
     has_kit = any("nbdkit" in w["median"] for w in res["throughput"])
     if has_kit:
         hdr += f" {'nbdkit':>10}"
@@ -37,24 +51,33 @@ def report(res: dict) -> str:
     for w in res["throughput"]:
         med = w["median"]
         cell = lambda k: f" {med[k]:>10.1f}" if k in med else f" {'-':>10}"  # noqa: E731
-        row = f"{w['workload']:<20} {w['figure']:<6}" + cell("nbdserve") + cell("qemu-nbd")
+        row = f"{w['workload']:<{W}} {w['figure']:<6}" + cell("nbdserve") + cell("qemu-nbd")
         if has_kit:
             row += cell("nbdkit")
-        ratio = f"{w['ratio']:>6.2f}x" if w["ratio"] is not None else f"{'n/a':>7}"
-        if w["target_ratio"] is None:
-            row += f" {ratio} {'-':>8}  (no target)"
-        else:
-            row += f" {ratio} {'>=' + format(w['target_ratio'], '.1f') + 'x':>8}  {mark(w['met'])}"
-        L.append(row)
+        L.append(row + ratio_cells(w["ratio"], w["target_ratio"], ">=", w["met"]))
     for w in res["throughput"]:
-        pcts = [r["allocating_writes_pct"] for r in w["runs"] if "allocating_writes_pct" in r]
-        if pcts:
-            by = {}
-            for r in w["runs"]:
-                if "allocating_writes_pct" in r:
-                    by.setdefault(r["server"], []).append(r["allocating_writes_pct"])
+        by: dict[str, list[float]] = {}
+        for r in w["runs"]:
+            if "allocating_writes_pct" in r:
+                by.setdefault(r["server"], []).append(r["allocating_writes_pct"])
+        if by:
             L.append(f"{w['workload']}: share of writes that allocated a cluster: " + ", ".join(
                 f"{k} {statistics.median(v):.0f}%" for k, v in by.items()))
+    failed = [(w["workload"], r["server"]) for w in res["throughput"] for r in w["runs"] if "failed" in r]
+    if failed:
+        L.append("FAILED runs (see stderr): " + ", ".join(f"{n} {s}" for n, s in failed))
+    if res["throughput"]:
+        L.append("multi-connection rows: qemu-nbd -e 0; every other row: qemu-nbd's default (-e 1)")
+        L.append("")
+        L.append("server CPU seconds (utime+stime, /proc/PID/stat) per GiB moved, medians:")
+        hdr = f"{'workload':<{W}} {'unit':<6} {'nbdserve':>10} {'qemu-nbd':>10} {'ratio':>7} {'target':>8}  result"
+        L.append(hdr)
+        L.append("-" * len(hdr))
+        for w in res["throughput"]:
+            med = w["cpu_s_per_gib"]
+            cell = lambda k: f" {med[k]:>10.3f}" if k in med else f" {'-':>10}"  # noqa: E731
+            L.append(f"{w['workload']:<{W}} {'s/GiB':<6}" + cell("nbdserve") + cell("qemu-nbd")
+                     + ratio_cells(w["cpu_ratio"], w["cpu_target_ratio"], "<=", w["cpu_met"]))
     L.append("")
     mem = res["memory"]
     if not skipped(L, "memory", mem):
@@ -72,11 +95,17 @@ def report(res: dict) -> str:
                  f"connect+read {q['listen_to_first_read_s']:.3f} s)")
         L.append(f"  target < {ob['target_s']} s: {mark(ob['met'])} "
                  f"(excluding interpreter start-up: {mark(ob['met_excluding_startup'])})")
-    ck = res["check"]
+    ck = res["check_1tib"]
+    if not skipped(L, "check (1 TiB, metadata preallocated)", ck):
+        L.append("check (1 TiB, metadata preallocated: 16 Mi L2 entries), best time / highest peak RSS "
+                 "(wait4 ru_maxrss):")
+        L.append(f"  {check_figures(ck)}")
+        L.append(f"  time: {ck['ratio']:.2f}x qemu-img's, target <= {ck['target_ratio']:.1f}x: {mark(ck['time_met'])}; "
+                 f"nbdserve peak RSS {ck['nbdserve']['peak_rss_mib']:.1f} MiB, target <= {ck['target_rss_mib']} MiB: "
+                 f"{mark(ck['rss_met'])}")
+    ck = res["check_4gib"]
     if not skipped(L, "check (4 GiB allocated)", ck):
-        L.append(f"check (4 GiB allocated): nbdserve {ck['nbdserve']['seconds']:.2f} s (rc {ck['nbdserve']['rc']}), "
-                 f"qemu-img {ck['qemu-img']['seconds']:.2f} s -> {ck['ratio']:.2f}x; "
-                 f"target <= {ck['target_ratio']:.0f}x: {mark(ck['met'])}")
+        L.append(f"check (4 GiB allocated, no target): {check_figures(ck)} -> {ck['ratio']:.2f}x")
         L.append(f"  (`python -m nbdserve --help` alone takes {ck['nbdserve_help_s']:.2f} s; check minus that "
                  f"start-up: {ck['ratio_excluding_startup']:.1f}x qemu-img)")
     L.append(f"wall time: {m['wall_s']:.0f} s")

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmark: nbdserve vs qemu-nbd (and nbdkit when it can read qcow2).
+"""Side-by-side benchmark: nbdserve vs qemu-nbd (and nbdkit when it can read qcow2), issue 19's rows.
 
 Run by hand (never by CI or pytest):
 
     .venv/bin/python bench/run.py [--repeat N] [--runtime S] [--quick] [--json FILE]
 
 See bench/README.md for what it measures and prints.  It needs qemu-img, qemu-io,
-qemu-nbd, fio (with its nbd engine) and nbdinfo; nbdkit is optional.
+qemu-nbd, fio (with its nbd engine), nbdcopy, nbdinfo and openssl; nbdkit is optional.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from common import REPO, GiB, log, make_allocated, run
-from parts import check, memory, open_big, throughput, wanted
+from parts import check_big, check_small, memory, open_big, throughput, wanted
 from report import report
 from servers import NbdKit, NbdServe, QemuNbd, nbdkit_note
 
@@ -46,13 +46,14 @@ def main() -> int:
     ap.add_argument("--json", metavar="FILE", help="also write all figures to FILE")
     ap.add_argument("--tmpdir", metavar="DIR", help="where to create images (default: system temp dir)")
     ap.add_argument("--only", metavar="PART", action="append", default=[],
-                    help="run only this part (repeatable): a workload name's start such as "
-                         "'seq read' or 'rand write', or 'memory', 'open', 'check'")
+                    help="run only this part (repeatable): a row's name start such as "
+                         "'seq read', '4 conn' or 'check 1T'; a group: single, multi, nbdcopy, tls, "
+                         "chain, cpu (= single); or 'memory', 'open', 'check'")
     args = ap.parse_args()
     if args.quick:
         args.repeat, args.runtime = 1, 3
 
-    for tool in ("qemu-img", "qemu-io", "qemu-nbd", "fio"):
+    for tool in ("qemu-img", "qemu-io", "qemu-nbd", "fio", "nbdcopy", "openssl"):
         if not shutil.which(tool):
             sys.exit(f"bench: {tool} is required")
 
@@ -72,7 +73,8 @@ def main() -> int:
         res["throughput"] = throughput(args, tmp, alloc, [NbdServe, QemuNbd, NbdKit], note is None)
         res["memory"] = memory(args, alloc, tmp) if wanted(args, "memory") else {"skipped": "--only"}
         res["open_1tib"] = open_big(tmp) if wanted(args, "open") else {"skipped": "--only"}
-        res["check"] = check(args, tmp) if wanted(args, "check") else {"skipped": "--only"}
+        res["check_1tib"] = check_big(args, tmp) if wanted(args, "check 1T") else {"skipped": "--only"}
+        res["check_4gib"] = check_small(args, tmp) if wanted(args, "check 4G") else {"skipped": "--only"}
         log("removing images")
 
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,9 +18,14 @@ class Server:
 
     name = "?"
 
-    def __init__(self, image: Path, read_only: bool = False):
+    def __init__(self, image: Path, read_only: bool = False, shared: int | None = None,
+                 tls_dir: Path | None = None):
+        """shared: qemu-nbd -e (None: its default, 1 client at a time); tls_dir: a folder with
+        ca-cert.pem, server-cert.pem, server-key.pem (x509 TLS required, clients verified)."""
         self.image = image
         self.read_only = read_only
+        self.shared = shared
+        self.tls_dir = tls_dir
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0
@@ -26,16 +33,16 @@ class Server:
 
     @property
     def uri(self) -> str:
-        return f"nbd://127.0.0.1:{self.port}/{EXPORT}"
+        return f"{'nbds' if self.tls_dir else 'nbd'}://127.0.0.1:{self.port}/{EXPORT}"
 
     def argv(self) -> list[str]:
         raise NotImplementedError
 
     def start(self) -> "Server":
         self.started_at = time.perf_counter()
-        self.proc = subprocess.Popen(
-            self.argv(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
+        # stderr to a file: a server logging every connection must never block on a full pipe
+        self.stderr = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(self.argv(), stdout=subprocess.PIPE, stderr=self.stderr, text=True)
         self.wait_ready()
         self.ready_at = time.perf_counter()
         return self
@@ -45,13 +52,22 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.proc.stderr.read()}")
+                raise RuntimeError(f"{self.name} exited: {self.error_output()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return
             except OSError:
                 time.sleep(0.02)
         raise RuntimeError(f"{self.name} did not listen within {timeout}s")
+
+    def error_output(self) -> str:
+        self.stderr.seek(0)
+        return self.stderr.read()[-2000:]
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the server process so far, all its threads (/proc/PID/stat)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # fields 14, 15
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -62,6 +78,7 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self.stderr.close()
 
     def __enter__(self):
         return self.start()
@@ -78,6 +95,10 @@ class NbdServe(Server):
              "-p", str(self.port), "-b", "127.0.0.1"]
         if self.read_only:
             a.append("-r")
+        if self.tls_dir:
+            a += ["--tls-cert", str(self.tls_dir / "server-cert.pem"),
+                  "--tls-key", str(self.tls_dir / "server-key.pem"),
+                  "--tls-ca", str(self.tls_dir / "ca-cert.pem")]
         return a + [str(self.image)]
 
     def wait_ready(self, timeout: float = 20.0) -> None:
@@ -85,7 +106,7 @@ class NbdServe(Server):
         line = self.proc.stdout.readline()
         if "serving" not in line:
             self.proc.wait(timeout=5)
-            raise RuntimeError(f"nbdserve did not start: {line!r} {self.proc.stderr.read()}")
+            raise RuntimeError(f"nbdserve did not start: {line!r} {self.error_output()}")
 
     def status(self) -> dict[str, int]:
         """VmHWM / VmRSS of the server process in KiB."""
@@ -105,6 +126,11 @@ class QemuNbd(Server):
              "-b", "127.0.0.1", "-t"]
         if self.read_only:
             a.append("-r")
+        if self.shared is not None:
+            a += ["-e", str(self.shared)]
+        if self.tls_dir:   # verify-peer defaults to yes: clients need a certificate, as with --tls-ca
+            a += ["--object", f"tls-creds-x509,id=tls0,dir={self.tls_dir},endpoint=server",
+                  "--tls-creds", "tls0"]
         return a + [str(self.image)]
 
 
