@@ -164,3 +164,66 @@ def test_pwrite_now_is_pwrite(tmp_path_factory, data, cs, extended):
         assert a.read() == b.read()
     for p in paths:
         qemu_img("check", "-q", p)
+
+
+# ------------------------------------------- qcow2 reads inside one cluster, down a chain
+
+@st.composite
+def _chain(draw):
+    """Layers from the base up: (cluster size, size, qemu-io commands)."""
+    layers = []
+    for _ in range(draw(st.integers(1, 4))):
+        cs = draw(st.sampled_from([512, 4096, 65536]))
+        size = draw(st.sampled_from([256 << 10, 512 << 10, 1 << 20]))
+        # compressed writes first, each into a cluster of its own (qemu writes them only there)
+        compressed = draw(st.sets(st.integers(0, size // cs - 1), max_size=3))
+        cmds = [f"write -c -P {draw(st.integers(1, 255))} {c * cs} {cs}" for c in sorted(compressed)]
+        for _ in range(draw(st.integers(0, 6))):
+            kind = draw(st.sampled_from(["write", "write -z"]))
+            off = draw(st.integers(0, size // 512 - 1)) * 512
+            length = min(draw(st.sampled_from([512, 4096, 65536, 200 << 10])), size - off)
+            pattern = f" -P {draw(st.integers(1, 255))}" if kind == "write" else ""
+            cmds.append(f"{kind}{pattern} {off} {length}")
+        layers.append((cs, size, cmds))
+    return layers
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), layers=_chain(), read_only=st.booleans())
+def test_read_sparse_now_one_cluster(tmp_path_factory, data, layers, read_only):
+    """Qcow2Image.read_sparse_now's loop down the chain gives the chunks of the layer-by-layer
+    path (_read_sparse_now_plain), data and holes alike, for reads inside a cluster and across."""
+    import trio
+
+    from nbdserve.blockdev.base import materialize
+    from nbdserve.qcow2 import Qcow2Image
+    from qemu_tools import qemu_io
+
+    folder = tmp_path_factory.mktemp("chain")
+    below = None
+    for i, (cs, size, cmds) in enumerate(layers):
+        path = create(folder / f"l{i}.qcow2", size, cluster_size=cs,
+                      **({"backing": below} if below else {}))
+        if cmds:
+            qemu_io(path, *cmds)
+        below = path
+    top_size = layers[-1][1]
+    reads = data.draw(st.lists(st.tuples(st.integers(0, top_size // 512 - 1),
+                                         st.sampled_from([512, 4096, 65536, 70000])), min_size=1, max_size=30))
+
+    def flat(chunks):
+        return [(c.offset, c.length, None if c.data is None else bytes(materialize(c.data))) for c in chunks]
+
+    async def compare():
+        img = Qcow2Image.open(below, read_only=read_only)
+        try:
+            for sector, length in reads:
+                offset = sector * 512
+                length = min(length, top_size - offset)
+                for slices in (False, True):
+                    assert flat(img.read_sparse_now(offset, length, slices)) == \
+                        flat(img._read_sparse_now_plain(offset, length, slices))
+        finally:
+            await img.close()
+
+    trio.run(compare)
