@@ -19,7 +19,7 @@ from . import format as fmt
 from .mapping import EXTL2_ALL_ALLOCATED
 from .refcount import CorruptRefcounts
 
-THREADED_WRITE = 256 * 1024   # data writes this large run in a worker thread, beside the event loop
+THREADED_WRITE = 2 << 20   # data writes this large run in a worker thread; smaller ones at once, as reads do
 
 
 @dataclass(eq=False)
