@@ -143,7 +143,7 @@ def test_breakpoint_refusals(served):
         "nbdserve: error: ctl break: unknown blkdebug event 'no_such'; known: l1_update, "
         "l1_grow_alloc_table, l1_grow_write_table, l1_grow_activate_table, l2_load, l2_update, "
         "l2_alloc_cow_read, l2_alloc_write, read_aio, read_backing_aio, read_compressed, write_aio, "
-        "cow_read, cow_write, reftable_grow, refblock_load, refblock_update, refblock_alloc, "
+        "cow_read, cow_write, reftable_grow, refblock_load, refblock_update, refblock_update_part, refblock_alloc, "
         "refblock_alloc_hookup, refblock_alloc_write, refblock_alloc_write_table, "
         "refblock_alloc_switch_table, cluster_alloc, cluster_free, flush_to_os, flush_to_disk")
     assert ctl_refused(sock, "break", "cluster_free", "A") == (

@@ -289,7 +289,7 @@ class PersistentBitmaps:
         img = self.img
         img.header.autoclear_features = bits
         fileio.pwrite_all(img.fd, fmt.U64.pack(bits), fmt.OFFSET_AUTOCLEAR)
-        fileio.fsync(img.fd)
+        img.refcounts.sync()
 
     def _write_extension(self, nb: int, size: int, offset: int) -> None:
         img = self.img
@@ -309,7 +309,7 @@ class PersistentBitmaps:
         bits = self.img.header.autoclear_features
         self._write_autoclear(bits & ~fmt.AUTOCLEAR_BITMAPS)
         fileio.pwrite_all(self.img.fd, b"".join(e.encode() for e in self.entries), offset)
-        fileio.fsync(self.img.fd)
+        self.img.refcounts.sync()
         self._write_autoclear(bits)
 
     def store(self) -> None:
@@ -333,7 +333,7 @@ class PersistentBitmaps:
         directory = b"".join(e.encode() for e in new_entries)
         dir_offset, _ = img._alloc(-(-len(directory) // cs))
         fileio.pwrite_all(img.fd, directory, dir_offset)
-        fileio.fsync(img.fd)
+        img.refcounts.sync()
         self._write_extension(len(new_entries), len(directory), dir_offset)
         self._write_autoclear(img.header.autoclear_features | fmt.AUTOCLEAR_BITMAPS)
         img._free_clusters(old_offset & ~(cs - 1), -(-(old_offset % cs + old_size) // cs) * cs, "bitmap")

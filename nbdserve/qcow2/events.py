@@ -24,7 +24,7 @@ EVENTS = (
     "l2_load", "l2_update", "l2_alloc_cow_read", "l2_alloc_write",
     "read_aio", "read_backing_aio", "read_compressed", "write_aio",
     "cow_read", "cow_write",
-    "reftable_grow", "refblock_load", "refblock_update", "refblock_alloc",
+    "reftable_grow", "refblock_load", "refblock_update", "refblock_update_part", "refblock_alloc",
     "refblock_alloc_hookup", "refblock_alloc_write", "refblock_alloc_write_table",
     "refblock_alloc_switch_table",
     "cluster_alloc", "cluster_free", "flush_to_os", "flush_to_disk",

@@ -12,9 +12,10 @@ where other requests interleave (``fixed`` keeps it around small I/O when no eve
 is armed, and then answers allocating writes without a task: alloc.py _keeps_lock,
 _allocate_now).
 
-Durability (flush): data and refcount increments are written through; L2 and
-L1 changes are cached and written at flush only after an fsync made the data
-they point at durable; with ``fixed``, freed clusters return to the free pool
+Durability (flush): data is written through; refcount changes (``fixed``; the
+qemu-1.1.2 modes write increments through), L2 and L1 changes are cached; a flush
+writes the refcounts, fsyncs, and only then writes the L2 and L1 changes that point
+at the data, now durable; with ``fixed``, freed clusters return to the free pool
 only after the L2 entries that dropped them are durable.  A crash therefore
 leaks clusters at worst, and never leaves metadata pointing at unwritten or
 reused clusters.  The qemu-1.1.2 modes free at once, as 1.1.x did (the next
@@ -150,6 +151,7 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
         self.refcounts = refcounts(fd, self.cluster_bits, header.refcount_order,
                                   list(decode_table(raw_rt)), header.refcount_table_offset,
                                   self.events.fire_sync, self._refcount_table_moved)
+        self.refcounts.write_back = not policy.follows_1_1
         self.l2cache = L2Cache(fd, cs, L2_CACHE_BYTES // cs, self._write_back_metadata_sync)
         self.lock = CoMutex()
         self.cluster_allocs: list[L2Meta] = []
@@ -204,7 +206,7 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
             # before the first write, so nobody trusts what it no longer describes
             h.autoclear_features &= kept
             fileio.pwrite_all(self.fd, fmt.U64.pack(h.autoclear_features), fmt.OFFSET_AUTOCLEAR)
-            fileio.fsync(self.fd)
+            self.refcounts.sync()
         self.bitmaps.mark_in_use()
         if h.compatible_features & fmt.COMPAT_LAZY_REFCOUNTS:
             # qcow2.txt: the dirty bit is set while refcounts may be stale
@@ -216,11 +218,11 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
             return
         self.header.incompatible_features = bits
         fileio.pwrite_all(self.fd, fmt.U64.pack(bits), fmt.OFFSET_INCOMPATIBLE)
-        fileio.fsync(self.fd)
+        self.refcounts.sync()
 
     def _refcount_table_moved(self, offset: int, clusters: int) -> None:
         fileio.pwrite_all(self.fd, fmt.U64.pack(offset) + clusters.to_bytes(4, "big"), fmt.OFFSET_REFCOUNT_TABLE)
-        fileio.fsync(self.fd)
+        self.refcounts.sync()
         self.header.refcount_table_offset = offset
         self.header.refcount_table_clusters = clusters
 
@@ -431,6 +433,7 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
         async with self.lock:
             await self.events.fire("flush_to_os")
             await self.events.fire("flush_to_disk")
+            self.refcounts.write_dirty()   # before the L2 and L1 changes that point at the clusters
             await trio.to_thread.run_sync(fileio.fsync, self.fd)
             if self.l2cache.dirty or self.l1_dirty:
                 self._write_tables()
@@ -439,13 +442,14 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
                 self.refcounts.write_unwritten()
                 await trio.to_thread.run_sync(fileio.fsync, self.fd)
             self._apply_pending_frees()
+            self.refcounts.write_dirty()   # the decrements: their L2 changes are durable now
 
     def _write_tables(self) -> None:
         """Dirty L2 tables, then the L1 entries pointing at them (one fsync between)."""
         if self.l2cache.dirty:
             self.l2cache.write_dirty()
             if self.l1_dirty:
-                fileio.fsync(self.fd)
+                self.refcounts.sync()
         if self.l1_dirty:
             off = self.header.l1_table_offset
             for i in sorted(self.l1_dirty):
@@ -455,10 +459,10 @@ class Qcow2Image(ClusterMapping, ClusterAllocation, ClusterDiscard, BlockDevice)
     def _write_back_metadata_sync(self) -> None:
         """Cache pressure: make data durable, then write every dirty table (and after them
         the decrements they made possible)."""
-        fileio.fsync(self.fd)
+        self.refcounts.sync()
         self._write_tables()
         if self.refcounts.unwritten:
-            fileio.fsync(self.fd)
+            self.refcounts.sync()
             self.refcounts.write_unwritten()
 
     def _apply_pending_frees(self) -> None:

@@ -1,9 +1,12 @@
 """Reference counts: the refcount table, cached refcount blocks, cluster allocation.
 
-qcow2.txt: "Host cluster management".  Refcount updates are written through
-(one entry per pwrite) so that, at any instant, an increment is on disk before
-anything can point at the cluster; decrements are applied by the image only
-after the L2 entries that dropped the reference are durable.
+qcow2.txt: "Host cluster management".  With ``write_back`` (the ``fixed`` allocator)
+refcount changes stay in their cached blocks until the next fsync of the image, which
+writes them first (sync(): qemu's refcount block cache, which the L2 cache depends on);
+so an increment is durable before any L2 or L1 entry pointing at the cluster is written,
+and decrements are applied by the image only after the L2 entries that dropped the
+reference are durable.  Without it (the qemu-1.1.2 modes, check's repairs) each update is
+written through, one entry per pwrite.
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ class Refcounts:
         self.on_event = on_event
         self.on_table_moved = on_table_moved   # header update once a grown table is durable
         self.unwritten: set[int] = set()   # clusters whose decrement is not on disk yet (see change)
+        self.write_back = False            # changes wait in their blocks for sync() (see module doc)
+        self.dirty_blocks: set[int] = set()   # refcount table indexes of blocks sync() must write
 
     # -- reading
     def _block(self, ti: int) -> array | None:
@@ -104,7 +109,7 @@ class Refcounts:
 
     def _evict(self) -> None:
         """Drop the least recently used block that holds no unwritten refcount."""
-        pinned = {c >> self.block_entries_bits for c in self.unwritten}
+        pinned = {c >> self.block_entries_bits for c in self.unwritten} | self.dirty_blocks
         for ti in self.blocks:
             if ti not in pinned:
                 del self.blocks[ti]
@@ -140,7 +145,9 @@ class Refcounts:
         index = cluster & (self.block_entries - 1)
         blk[index] = value
         self.on_event("refblock_update")
-        if write:
+        if write and self.write_back:
+            self.dirty_blocks.add(ti)
+        elif write:
             self._write_entry(ti, blk, index)
             self.unwritten.discard(cluster)
         else:
@@ -161,6 +168,18 @@ class Refcounts:
             self.set(c, self.get(c) + delta, write or delta > 0)
         if delta > 0:
             self.end_cluster = max(self.end_cluster, last + 1)
+
+    def write_dirty(self) -> None:
+        """Write the blocks write_back left changed (whole blocks, in table order)."""
+        for ti in sorted(self.dirty_blocks):
+            self._write_block(self.table[ti] & fmt.REFT_OFFSET_MASK, self.blocks[ti], "refblock_update_part")   # qemu: qcow2_cache_entry_flush()
+        self.dirty_blocks.clear()
+
+    def sync(self) -> None:
+        """fsync the image, the refcount changes still cached written first."""
+        if self.dirty_blocks:
+            self.write_dirty()
+        fileio.fsync(self.fd)
 
     def write_unwritten(self) -> None:
         """Write the refcounts change(write=False) left in memory only."""
@@ -252,15 +271,15 @@ class Refcounts:
             self._create_block(rti)                    # its own block first; caller retries
             return
         self._write_block(r << self.cluster_bits, blk)
-        fileio.fsync(self.fd)                              # the block before the table entry
+        self.sync()                              # the block before the table entry
         self.on_event("refblock_alloc_hookup")
         self.table[ti] = r << self.cluster_bits
         fileio.pwrite_all(self.fd, fmt.U64.pack(self.table[ti]), self.table_offset + ti * 8)
         self.blocks[ti] = blk
         self.end_cluster = max(self.end_cluster, r + 1)
 
-    def _write_block(self, offset: int, blk: array) -> None:
-        self.on_event("refblock_alloc_write")
+    def _write_block(self, offset: int, blk: array, event: str = "refblock_alloc_write") -> None:
+        self.on_event(event)
         pwrite_all(self.fd, _encode(blk, self.bits), offset)
 
     def _grow_table(self, min_ti: int) -> None:
@@ -311,7 +330,7 @@ class Refcounts:
         raw = b"".join(fmt.U64.pack(e) for e in new_table)
         self.on_event("refblock_alloc_write_table")
         pwrite_all(self.fd, raw, start << self.cluster_bits)
-        fileio.fsync(self.fd)
+        self.sync()
         old_offset, old_clusters = self.table_offset, (len(self.table) * 8 + cs - 1) // cs
         self.on_event("refblock_alloc_switch_table")
         self.on_table_moved(start << self.cluster_bits, tclusters)
@@ -401,13 +420,13 @@ class Refcounts11(Refcounts):
             self._increment(new_block, 1)                    # described elsewhere
             blk = _decode(bytes(self.cluster_size), self.bits)
         self._write_block(new_block << self.cluster_bits, blk)
-        fileio.fsync(self.fd)
+        self.sync()
         self.end_cluster = max(self.end_cluster, new_block + 1)
         if ti < len(self.table):
             self.on_event("refblock_alloc_hookup")
             self.table[ti] = new_block << self.cluster_bits
             fileio.pwrite_all(self.fd, fmt.U64.pack(self.table[ti]), self.table_offset + ti * 8)
-            fileio.fsync(self.fd)
+            self.sync()
             self.blocks[ti] = blk
             return
         self._grow_table_11(ti, new_block, blk)
@@ -449,10 +468,10 @@ class Refcounts11(Refcounts):
             new_blocks[i] = 1
         self.on_event("refblock_alloc_write")
         pwrite_all(self.fd, _encode(new_blocks, self.bits), meta * cs)
-        fileio.fsync(self.fd)
+        self.sync()
         self.on_event("refblock_alloc_write_table")
         pwrite_all(self.fd, b"".join(fmt.U64.pack(e) for e in new_table), table_offset)
-        fileio.fsync(self.fd)
+        self.sync()
         self.on_event("refblock_alloc_switch_table")
         self.on_table_moved(table_offset, table_clusters)
         old_offset, old_entries = self.table_offset, len(self.table)
