@@ -15,8 +15,8 @@ import os
 import re
 import sys
 
-from . import cli
-from .cli import EXIT_RUNTIME, EXIT_USAGE, CliError
+from .cli.errors import EXIT_RUNTIME, EXIT_USAGE, CliError, one_line, report
+from .cli.serve import activated, run
 
 PROG = "nbdserve-qemu-nbd"
 
@@ -162,7 +162,7 @@ def config_from_args(args: argparse.Namespace):
         config.unix_socket, config.bind = args.socket, None
     given = [flag for flag, value in (("-k", args.socket), ("-b", args.bind), ("-p", args.port))
              if value is not None]
-    return cli.activated(config, given)
+    return activated(config, given)
 
 
 def _snapshot_overlay(export) -> str:
@@ -170,16 +170,17 @@ def _snapshot_overlay(export) -> str:
     or /var/tmp), which the export serves instead; the caller removes it at exit."""
     import tempfile
 
-    from .images import ImageError, probe_format
+    from .blockdev.probe import probe_format, virtual_size
+    from .images import ImageError
     from .qcow2.create import create_image
     try:
         fmt = export.format or probe_format(export.image)
-        size = cli._virtual_size(export.image, fmt)
+        size = virtual_size(export.image, fmt)
         fd, path = tempfile.mkstemp(prefix="vl.", dir=os.environ.get("TMPDIR") or "/var/tmp")
         os.close(fd)
         create_image(path, size, backing=export.image, backing_format=fmt)
     except (OSError, ImageError) as e:
-        raise CliError(f"-s: cannot make the temporary overlay: {cli._one_line(e)}") from None
+        raise CliError(f"-s: cannot make the temporary overlay: {one_line(e)}") from None
     export.image, export.format = path, "qcow2"
     return path
 
@@ -224,10 +225,9 @@ def main(argv: list[str] | None = None) -> int:
             _fork()
         if args.snapshot:
             overlay = _snapshot_overlay(config.exports[0])
-        return cli.run(config, announce=False, quiet=True, on_listening=lambda: _listening(args))
+        return run(config, announce=False, quiet=True, on_listening=lambda: _listening(args))
     except CliError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
-        return e.status
+        return report(e, PROG)
     finally:
         if overlay is not None:
             os.unlink(overlay)

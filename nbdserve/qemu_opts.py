@@ -9,7 +9,7 @@ import os
 import ssl
 from dataclasses import dataclass
 
-from .cli import EXIT_USAGE, CliError
+from .cli.errors import EXIT_USAGE, CliError
 from .config import TlsConfig
 
 # qemu's QOM types qemu-nbd takes, and what to use instead of those refused

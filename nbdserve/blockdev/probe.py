@@ -10,6 +10,7 @@ format fails with EPERM.  ProbedRawFile does the same for writes, write-zeroes a
 from __future__ import annotations
 
 import errno
+import os
 import re
 
 from .raw import RawFile, pread_exact
@@ -50,6 +51,16 @@ def probe_format(path: str) -> str:
     """'qcow2' when the file starts with the qcow2 magic, else 'raw': the formats nbdserve opens."""
     with open(path, "rb") as f:
         return "qcow2" if f.read(len(QCOW2_MAGIC)) == QCOW2_MAGIC else "raw"
+
+
+def virtual_size(path: str, fmt: str | None = None) -> int:
+    """The size a guest sees of the image at ``path``: a qcow2 header's size field (qcow2.txt:
+    bytes 24..31), else the file size; ``fmt`` None: probed."""
+    with open(path, "rb") as f:
+        if (fmt or probe_format(path)) == "qcow2":
+            f.seek(24)
+            return int.from_bytes(f.read(8), "big")
+        return os.fstat(f.fileno()).st_size
 
 
 PROBED_RAW_WARNING = ("Image format was not specified for '{}' and probing guessed raw. "
