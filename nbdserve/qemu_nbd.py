@@ -1,7 +1,7 @@
 """``nbdserve-qemu-nbd``: qemu-nbd 7.2's command line, served by nbdserve's server.
 
-A thin translation (qemu-nbd.c's main()): each flag becomes a field of the ExportConfig /
-ServerConfig that ``nbdserve serve`` runs, with qemu-nbd's defaults (bind 0.0.0.0, port
+A thin translation (qemu-nbd.c's main()): each flag becomes a field of the ExportSettings /
+ServerSettings (server/settings.py) that ``nbdserve serve`` runs, with qemu-nbd's defaults (bind 0.0.0.0, port
 10809, export name "", one client at a time (``-e 1``), exit once the last client has
 gone (no ``-t``), discard ignored, allocation depth only with ``-A``), and it prints
 nothing while serving, as qemu-nbd does.  A flag it cannot honour is refused with one line
@@ -39,7 +39,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import CACHE_MODES, DETECT_ZEROES
+    from .server.settings import CACHE_MODES, DETECT_ZEROES
 
     p = _Parser(prog=PROG, description="qemu-nbd's command line, served by nbdserve.")
     p.add_argument("-V", "--version", action="version", version=f"{PROG} (nbdserve; qemu-nbd 7.2 command line)")
@@ -112,7 +112,7 @@ def _objects(texts: list[str]) -> dict:
 
 
 def config_from_args(args: argparse.Namespace):
-    from .config import DEFAULT_PORT, ExportConfig, ServerConfig
+    from .server.settings import DEFAULT_PORT, ExportSettings, ServerSettings
     from .qemu_opts import image_from_opts, tls_config
 
     for dest, (flag, why) in REFUSED.items():
@@ -146,7 +146,7 @@ def config_from_args(args: argparse.Namespace):
     port = DEFAULT_PORT if args.port is None else _number("-p", args.port, 1)
     if port > 65535:
         raise CliError(f"-p: port out of range: {args.port}", EXIT_USAGE)
-    export = ExportConfig(
+    export = ExportSettings(
         name=args.export_name, image=os.path.abspath(image), format=fmt,
         read_only=args.read_only or args.load_snapshot is not None,   # -l implies -r
         snapshot=args.load_snapshot, description=args.description or "",
@@ -154,7 +154,7 @@ def config_from_args(args: argparse.Namespace):
         multi_conn=shared != 1,          # nbd/server.c: CAN_MULTI_CONN unless one client at a time
         discard=discard, cache=cache, detect_zeroes=args.detect_zeroes or "off",
         bitmaps=tuple(dict.fromkeys(args.bitmap or ())))
-    config = ServerConfig(exports=[export], bind=args.bind or "0.0.0.0", port=port,
+    config = ServerSettings(exports=[export], bind=args.bind or "0.0.0.0", port=port,
                           verbose=False, persistent=args.persistent,
                           max_connections=shared or 1 << 30, queue_when_full=True, tls=tls,
                           extended_headers=False)   # qemu-nbd 7.2 refuses NBD_OPT_EXTENDED_HEADERS

@@ -1,5 +1,5 @@
 """qemu's option strings for ``nbdserve-qemu-nbd``: ``--object`` (the tls-creds-x509 and
-authz-simple types), ``--tls-creds``/``--tls-authz`` onto a TlsConfig, and
+authz-simple types), ``--tls-creds``/``--tls-authz`` onto a TlsSettings, and
 ``--image-opts`` (the qcow2/raw/file subset).  Anything else is refused by name.
 """
 
@@ -10,7 +10,7 @@ import ssl
 from dataclasses import dataclass
 
 from .cli.errors import EXIT_USAGE, CliError
-from .config import TlsConfig
+from .server.settings import TlsSettings
 
 # qemu's QOM types qemu-nbd takes, and what to use instead of those refused
 REFUSED_OBJECTS = {
@@ -140,13 +140,13 @@ def parse_object(text: str) -> TlsCredsX509 | AuthzSimple:
     return creds
 
 
-def _sanity_check(tls: TlsConfig, ca: str) -> None:
+def _sanity_check(tls: TlsSettings, ca: str) -> None:
     """qcrypto_tls_creds_x509_sanity_check: the server's own certificate must verify
     against the CA as a client verifies it (OpenSSL: chain, dates, purpose), here in a
     handshake through memory with the server's own context."""
     from .server.tls import TlsSetupError, server_context
     try:
-        server = server_context(TlsConfig(cert=tls.cert, key=tls.key))
+        server = server_context(TlsSettings(cert=tls.cert, key=tls.key))
     except TlsSetupError as e:
         raise CliError(str(e)) from None
     client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -177,7 +177,7 @@ def _sanity_check(tls: TlsConfig, ca: str) -> None:
 
 
 def tls_config(objects: dict[str, TlsCredsX509 | AuthzSimple], creds_id: str | None,
-               authz_id: str | None) -> TlsConfig | None:
+               authz_id: str | None) -> TlsSettings | None:
     """--tls-creds ID [--tls-authz ID] (qemu-nbd.c main, nbd_get_tls_creds): TLS required."""
     if creds_id is None:
         if authz_id is not None:
@@ -191,7 +191,7 @@ def tls_config(objects: dict[str, TlsCredsX509 | AuthzSimple], creds_id: str | N
     if creds.endpoint != "server":
         raise CliError("Failed to get TLS creds: Expected TLS credentials for a server endpoint", EXIT_USAGE)
     files = creds.files()
-    tls = TlsConfig(cert=files["server-cert.pem"], key=files["server-key.pem"],
+    tls = TlsSettings(cert=files["server-cert.pem"], key=files["server-key.pem"],
                     ca=files["ca-cert.pem"] if creds.verify_peer else None, mode="require")
     if creds.sanity_check:
         _sanity_check(tls, files["ca-cert.pem"])

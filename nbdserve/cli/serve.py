@@ -11,7 +11,7 @@ from .errors import EXIT_USAGE, PROG, CliError, command, find_error, one_line
 
 TYPE_CHECKING = False    # typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:
-    from ..config import ExportConfig, ServerConfig, TlsConfig
+    from ..server.settings import ExportSettings, ServerSettings, TlsSettings
 
 
 def parse_delay(text: str) -> tuple[str, float]:
@@ -27,7 +27,7 @@ def parse_delay(text: str) -> tuple[str, float]:
 
 # -- URIs ---------------------------------------------------------------------------------------
 
-def export_uris(config: ServerConfig, export: ExportConfig, port: int | None = None) -> list[str]:
+def export_uris(config: ServerSettings, export: ExportSettings, port: int | None = None) -> list[str]:
     """The URIs a client uses to reach ``export``: nbd:// for TCP, nbd+unix:// for the socket
     (nbds://, nbds+unix:// when TLS is required, as libnbd spells them).  ``port``: the port
     bound, where config.port is 0 (any free port)."""
@@ -65,7 +65,7 @@ def setup_logging(verbose: bool, *, quiet: bool = False) -> None:
     root.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
 
 
-def run(config: ServerConfig, *, announce: bool = True, quiet: bool = False,
+def run(config: ServerSettings, *, announce: bool = True, quiet: bool = False,
         on_listening=None) -> int:
     """Serve ``config`` until SIGTERM/SIGINT; print one line per URI once listening
     (``announce``), then call ``on_listening()`` if given; ``quiet``: log errors only."""
@@ -115,11 +115,9 @@ def run(config: ServerConfig, *, announce: bool = True, quiet: bool = False,
     return 0
 
 
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    from ..config import (
-        ConfigError, ExportConfig, ServerConfig, check_bitmap_names, check_delays, check_inject_errors,
-        load_config,
-    )
+def config_from_args(args: argparse.Namespace) -> ServerSettings:
+    from ..config import ConfigError, check_bitmap_names, check_delays, check_inject_errors, load_config
+    from ..server.settings import ExportSettings, ServerSettings
     if args.config is not None:
         if args.image is not None:
             raise CliError("serve: give either IMAGE or --config, not both", EXIT_USAGE)
@@ -164,7 +162,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise CliError(f"serve: {e}", EXIT_USAGE) from None
     if args.port is not None and not 0 <= args.port <= 65535:   # 0: any free port, printed once bound
         raise CliError(f"serve: -p: port out of range: expected 0 to 65535, got {args.port}", EXIT_USAGE)
-    export = ExportConfig(
+    export = ExportSettings(
         name=args.export_name if args.export_name is not None else "",
         image=os.path.abspath(args.image),
         format=args.format,
@@ -179,7 +177,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         bitmaps=bitmaps,
         trace=os.path.abspath(args.trace) if args.trace else None,
     )
-    config = ServerConfig(exports=[export], verbose=args.verbose, extended_headers=not args.no_extended_headers)
+    config = ServerSettings(exports=[export], verbose=args.verbose, extended_headers=not args.no_extended_headers)
     if args.control is not None:
         config.control = os.path.abspath(args.control)
     if args.socket is not None:
@@ -195,7 +193,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                                                        ("-p", args.port)) if value is not None])
 
 
-def activated(config: ServerConfig, address_flags: list[str]) -> ServerConfig:
+def activated(config: ServerSettings, address_flags: list[str]) -> ServerSettings:
     """With systemd socket activation (LISTEN_PID/LISTEN_FDS), serve on the sockets handed over
     instead of binding; ``address_flags`` given too are refused, as qemu-nbd refuses them."""
     from ..activation import ActivationError, listen_fds
@@ -212,10 +210,10 @@ def activated(config: ServerConfig, address_flags: list[str]) -> ServerConfig:
     return config
 
 
-def tls_from_args(args: argparse.Namespace) -> TlsConfig | None:
+def tls_from_args(args: argparse.Namespace) -> TlsSettings | None:
     """--tls-cert/--tls-key[/--tls-ca [--tls-authz-identity DN]] [--tls require|on|off]: TLS is
     required unless --tls says otherwise."""
-    from ..config import TlsConfig
+    from ..server.settings import TlsSettings
     if args.tls_authz_identity is not None and args.tls_ca is None:
         raise CliError("serve: --tls-authz-identity needs --tls-ca (only a verified client certificate "
                        "has an identity)", EXIT_USAGE)
@@ -227,7 +225,7 @@ def tls_from_args(args: argparse.Namespace) -> TlsConfig | None:
         return None
     if args.tls_cert is None or args.tls_key is None:
         raise CliError("serve: --tls-cert and --tls-key go together", EXIT_USAGE)
-    return TlsConfig(cert=os.path.abspath(args.tls_cert), key=os.path.abspath(args.tls_key),
+    return TlsSettings(cert=os.path.abspath(args.tls_cert), key=os.path.abspath(args.tls_key),
                      ca=os.path.abspath(args.tls_ca) if args.tls_ca is not None else None,
                      identity=args.tls_authz_identity or None, mode=args.tls or "require")
 
@@ -238,7 +236,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
-    from ..config import ALLOCATORS, DEFAULT_PORT, FORMATS, TLS_MODES
+    from ..config import FORMATS
+    from ..qcow2.policy import ALLOCATORS
+    from ..server.settings import DEFAULT_PORT, TLS_MODES
 
     s.add_argument("image", nargs="?", metavar="IMAGE", help="the image file to serve")
     s.add_argument("--config", metavar="FILE", help="serve the exports of this TOML file")
