@@ -91,7 +91,7 @@ async def serve(path_or_exports, *, host: str = "127.0.0.1", port: int = 0, cont
     of ``Export``s on ``host:port`` until stopped; ``nursery.start`` returns the ``Serving``.
     ``control``: also listen on this control socket (``nbdserve ctl``, nbdserve.control);
     ``handshake_timeout``: seconds a client gets to finish negotiating.
-    A bad image raises (nbdserve.images.ImageError, or the qcow2 engine's Qcow2Error)."""
+    A bad image raises (nbdserve.blockdev.images.ImageError, or the qcow2 engine's Qcow2Error)."""
     from .server import run_server
 
     exports = _exports(path_or_exports, options)

@@ -39,11 +39,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .blockdev.probe import FORMATS
 from .qcow2.policy import ALLOCATORS
 from .server.settings import TLS_MODES, ExportSettings, ServerSettings, TlsSettings
-
-FORMATS = ("qcow2", "raw")
-
 
 class ConfigError(ValueError):
     """A configuration is unusable; ``key`` names the offending entry ("" for the whole file)."""

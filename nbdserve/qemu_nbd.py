@@ -112,6 +112,7 @@ def _objects(texts: list[str]) -> dict:
 
 
 def config_from_args(args: argparse.Namespace):
+    from .blockdev.probe import FORMATS
     from .server.settings import DEFAULT_PORT, ExportSettings, ServerSettings
     from .qemu_opts import image_from_opts, tls_config
 
@@ -138,7 +139,7 @@ def config_from_args(args: argparse.Namespace):
     discard = DISCARD_MODES[args.discard or "ignore"]
     if args.detect_zeroes == "unmap" and not discard:
         raise CliError("--detect-zeroes unmap needs --discard unmap (as in qemu-nbd)", EXIT_USAGE)
-    if fmt is not None and fmt not in ("qcow2", "raw"):
+    if fmt is not None and fmt not in FORMATS:
         raise CliError(f"-f {args.format}: nbdserve serves qcow2 and raw images only", EXIT_USAGE)
     if args.socket is not None and not args.socket.startswith("/"):
         raise CliError("-k: socket path must be absolute", EXIT_USAGE)
@@ -170,8 +171,8 @@ def _snapshot_overlay(export) -> str:
     or /var/tmp), which the export serves instead; the caller removes it at exit."""
     import tempfile
 
+    from .blockdev.images import ImageError
     from .blockdev.probe import probe_format, virtual_size
-    from .images import ImageError
     from .qcow2.create import create_image
     try:
         fmt = export.format or probe_format(export.image)

@@ -9,6 +9,7 @@ import os
 import ssl
 from dataclasses import dataclass
 
+from .blockdev.probe import FORMATS
 from .cli.errors import EXIT_USAGE, CliError
 from .server.settings import TlsSettings
 
@@ -26,7 +27,6 @@ X509_SERVER_FILES = (   # crypto/tlscredsx509.c qcrypto_tls_creds_x509_load, end
     ("dh-params.pem", False))
 BOOLEANS = {"on": True, "yes": True, "true": True, "y": True,
             "off": False, "no": False, "false": False, "n": False}   # qapi_bool_parse
-IMAGE_FORMATS = ("qcow2", "raw")
 
 
 def parse_opts(text: str, implied: str, flag: str) -> dict[str, str]:
@@ -220,7 +220,7 @@ def image_from_opts(text: str) -> tuple[str, str | None]:
         if not opts.get("filename"):
             raise CliError(f"{flag}: the 'file' block driver requires a file name", EXIT_USAGE)
         return opts["filename"], "raw"
-    if driver is not None and driver not in IMAGE_FORMATS:
+    if driver is not None and driver not in FORMATS:
         raise CliError(f"{flag}: driver={driver}: nbdserve serves qcow2, raw and file only", EXIT_USAGE)
     _refuse_unknown(flag, opts, ("driver", "file.driver", "file.filename"), f"driver={driver or '(probed)'}")
     if opts.get("file.driver", "file") != "file":

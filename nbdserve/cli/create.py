@@ -113,7 +113,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def add_arguments(c: argparse.ArgumentParser) -> None:
-    from ..config import FORMATS
+    from ..blockdev.probe import FORMATS
 
     c.add_argument("-f", dest="format", choices=FORMATS, default="raw", help="format (default: raw)")
     c.add_argument("-b", dest="backing", metavar="BACKING", help="backing file (qcow2)")

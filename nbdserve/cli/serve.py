@@ -107,7 +107,7 @@ def run(config: ServerSettings, *, announce: bool = True, quiet: bool = False,
     except KeyboardInterrupt:
         return 130
     except Exception as e:
-        from ..images import ImageError
+        from ..blockdev.images import ImageError
         found = find_error(e, (ImageError, OSError))
         if found is None:
             raise
@@ -236,7 +236,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
-    from ..config import FORMATS
+    from ..blockdev.probe import FORMATS
     from ..qcow2.policy import ALLOCATORS
     from ..server.settings import DEFAULT_PORT, TLS_MODES
 

@@ -16,13 +16,12 @@ import sys
 import time
 
 from ..cli.errors import CliError, command
+from ..guest.harness import CLIENTS as GUEST_CLIENTS, WORKLOADS as GUEST_WORKLOADS
 from ..qcow2.policy import ALLOCATORS
 from .scenarios import SCENARIOS
 
-GUEST_CLIENTS = ("virtio", "nbd-client")
 # the A/B of Philipp's bisect: qemu 1.1.2, and qemu 1.1.2 with only b7ab0fea applied
 DEFAULT_PAIR = ("qemu-1.1.2", "qemu-1.1.2+b7ab0fea")
-GUEST_WORKLOADS = ("debian", "synthetic")
 
 
 def add_arguments(r: argparse.ArgumentParser) -> None:

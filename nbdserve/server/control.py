@@ -13,7 +13,7 @@ import logging
 import trio
 
 from ..control import MAX_LINE, ControlError, encode, parse_reply, parse_request, reply_error, reply_ok
-from ..images import ImageError
+from ..blockdev.images import ImageError
 from ..qcow2.events import parse_errno
 from .exports import RAW_HAS_NO_EVENTS, Export, blkdebug, start_trace, stop_trace
 

@@ -10,7 +10,7 @@ import trio
 
 from ..blockdev import BlockDevice
 from ..blockdev.chain import ChainPolicy
-from ..images import ImageError, open_image
+from ..blockdev.images import ImageError, open_image
 from ..nbd import ExportInfo, TransmissionFlag as TF
 from ..nbd.constants import CONTEXT_QEMU_ALLOCATION_DEPTH, CONTEXT_QEMU_DIRTY_BITMAP, Errno
 from ..nbd.exports import ALL_CONTEXTS
