@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import trio
 
-from .config import ExportConfig, ServerConfig
+from .server.settings import ExportSettings, ServerSettings
 
 
 @dataclass
@@ -40,11 +40,14 @@ class Export:
     allocator: str = "fixed"         # "fixed", "qemu-1.1.2", "qemu-1.1.2+b7ab0fea"
     description: str = ""
     delays: dict[str, float] = field(default_factory=dict)   # blkdebug event -> seconds
+    trace: str | None = None         # append the qcow2 allocation trace to this file (JSON lines)
 
-    def config(self) -> ExportConfig:
-        return ExportConfig(name=self.name, image=os.path.abspath(self.path), format=self.format,
-                            read_only=self.read_only, allocator=self.allocator,
-                            description=self.description, delays=dict(self.delays))
+    def settings(self) -> ExportSettings:
+        """The server's own description of this export (server/settings.py)."""
+        return ExportSettings(name=self.name, image=os.path.abspath(self.path), format=self.format,
+                              read_only=self.read_only, allocator=self.allocator,
+                              description=self.description, delays=dict(self.delays),
+                              trace=os.path.abspath(self.trace) if self.trace is not None else None)
 
 
 @dataclass
@@ -82,19 +85,23 @@ def _exports(path_or_exports, options: dict) -> list[Export]:
     return exports
 
 
-async def serve(path_or_exports, *, host: str = "127.0.0.1", port: int = 0,
-                task_status=trio.TASK_STATUS_IGNORED, **options) -> None:
+async def serve(path_or_exports, *, host: str = "127.0.0.1", port: int = 0, control: str | None = None,
+                handshake_timeout: float = 10.0, task_status=trio.TASK_STATUS_IGNORED, **options) -> None:
     """Serve one image (a path, with Export's keywords: ``name=``, ``format=``, ...) or a list
     of ``Export``s on ``host:port`` until stopped; ``nursery.start`` returns the ``Serving``.
-    A bad image raises (nbdserve.images.ImageError, or the qcow2 engine's Qcow2Error)."""
+    ``control``: also listen on this control socket (``nbdserve ctl``, nbdserve.control);
+    ``handshake_timeout``: seconds a client gets to finish negotiating.
+    A bad image raises (nbdserve.blockdev.images.ImageError, or the qcow2 engine's Qcow2Error)."""
     from .server import run_server
 
     exports = _exports(path_or_exports, options)
     stop = trio.Event()
-    config = ServerConfig(exports=[e.config() for e in exports], bind=host, port=port)
+    settings = ServerSettings(exports=[e.settings() for e in exports], bind=host, port=port,
+                              control=os.path.abspath(control) if control is not None else None,
+                              handshake_timeout=handshake_timeout)
     try:
         async with trio.open_nursery() as nursery:
-            bound = await nursery.start(lambda task_status: run_server(config, task_status=task_status,
+            bound = await nursery.start(lambda task_status: run_server(settings, task_status=task_status,
                                                                         shutdown=stop))
             bound_host, bound_port = bound[0]
             task_status.started(Serving(exports, bound_host, bound_port, stop))

@@ -1,4 +1,5 @@
-"""Server and export configuration: the CLI flags and the TOML file both produce these.
+"""The TOML config file, and the value checks it shares with the command line: both build
+the server's own settings (server/settings.py: ServerSettings, ExportSettings, TlsSettings).
 
 The TOML file (see ``conf/nbdserve.example.toml``)::
 
@@ -35,74 +36,12 @@ key at fault, e.g. ``export[1].allocator: expected "fixed" or "qemu-1.1.2", got 
 
 from __future__ import annotations
 
-import errno
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
+from .blockdev.probe import FORMATS
 from .qcow2.policy import ALLOCATORS
-
-DEFAULT_PORT = 10809
-
-FORMATS = ("qcow2", "raw")
-TLS_MODES = ("require", "on", "off")   # nbdkit --tls=require|on|off
-CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")   # qemu bdrv_parse_cache_mode
-DETECT_ZEROES = ("off", "on", "unmap")   # qemu BlockdevDetectZeroesOptions
-
-
-@dataclass
-class ExportConfig:
-    name: str
-    image: str                      # absolute path
-    format: str | None = None       # "qcow2", "raw", or None to probe
-    read_only: bool = False
-    description: str = ""
-    allocator: str = "fixed"        # a qcow2 AllocationPolicy name (qcow2/policy.py ALLOCATORS)
-    delays: dict[str, float] = field(default_factory=dict)  # blkdebug event -> seconds
-    # blkdebug event -> (errno, once): qemu blkdebug's [inject-error] (qemu-iotests 026)
-    inject_errors: dict[str, tuple[int, bool]] = field(default_factory=dict)
-    offset: int = 0                 # serve the image from this byte on (qemu-nbd --offset)
-    allocation_depth: bool = True   # offer qemu:allocation-depth (qemu-nbd offers it with -A only)
-    multi_conn: bool | None = None  # NBD_FLAG_CAN_MULTI_CONN; None: when the device allows it
-    # qemu-nbd --discard / --cache / --detect-zeroes, as qemu's block layer applies them
-    discard: bool = True            # False: trims succeed doing nothing (qemu-nbd's default)
-    cache: str = "writeback"        # CACHE_MODES
-    detect_zeroes: str = "off"      # DETECT_ZEROES
-    snapshot: str | None = None     # serve this internal snapshot read-only (qemu-nbd -l: ID_OR_NAME, snapshot.id=/name=)
-    backing_root: str | None = None  # absolute path: every backing file must resolve inside it
-    no_backing: bool = False        # refuse any backing file
-    force_share: bool = False       # qemu-img -U: read-only, taking no lock that conflicts with a writer
-    bitmaps: tuple[str, ...] = ()   # persistent dirty bitmaps offered as qemu:dirty-bitmap:NAME (qemu-nbd -B)
-    trace: str | None = None        # the allocation trace's file (qcow2/trace.py, JSON lines), absolute
-
-
-@dataclass
-class TlsConfig:
-    """NBD_OPT_STARTTLS with these PEM files (absolute paths)."""
-
-    cert: str                       # the server's certificate (chain)
-    key: str                        # its private key, unencrypted
-    ca: str | None = None           # set: clients must present a certificate this CA signed
-    identity: str | None = None     # set (needs ca): ... whose subject is this DN (server/x509_name.py)
-    mode: str = "require"           # "require": plain clients refused; "on": TLS offered; "off"
-
-
-@dataclass
-class ServerConfig:
-    exports: list[ExportConfig]
-    bind: str | None = "127.0.0.1"  # None: no TCP listener
-    port: int = DEFAULT_PORT
-    unix_socket: str | None = None
-    verbose: bool = False
-    handshake_timeout: float = 10.0
-    max_connections: int = 1000
-    tls: TlsConfig | None = None    # None: no TLS (STARTTLS is unsupported)
-    control: str | None = None      # the control socket's path (server/control.py), or None
-    listen_fds: tuple[int, ...] = ()  # listening sockets handed over (systemd socket activation)
-    persistent: bool = True         # False: exit once the last client that negotiated leaves (qemu-nbd without -t)
-    queue_when_full: bool = False   # at max_connections: leave new clients waiting (qemu-nbd -e), not refused
-    extended_headers: bool = True   # offer NBD_OPT_EXTENDED_HEADERS (64-bit lengths); False: refused
-
+from .server.settings import TLS_MODES, ExportSettings, ServerSettings, TlsSettings
 
 class ConfigError(ValueError):
     """A configuration is unusable; ``key`` names the offending entry ("" for the whole file)."""
@@ -202,20 +141,6 @@ def check_delays(key: str, value: Any) -> dict[str, float]:
     return delays
 
 
-_ERRNO_BY_NAME = {name: number for number, name in errno.errorcode.items()}
-
-
-def parse_errno(text: str | int) -> int | None:
-    """An errno given as a name (``"ENOSPC"``, any case) or a number; None if it is neither."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        number = text
-    elif isinstance(text, str):
-        number = int(text) if text.isdigit() else _ERRNO_BY_NAME.get(text.upper())
-    else:
-        return None
-    return number if number in errno.errorcode else None
-
-
 def check_inject_errors(key: str, value: Any) -> dict[str, tuple[int, bool]]:
     """``{event = "ERRNO[:once]"}``: fail every firing of the blkdebug event (only the first
     with ``:once``) with ERRNO, a name like ``"ENOSPC"`` or a number (qemu blkdebug's errno/once)."""
@@ -225,7 +150,7 @@ def check_inject_errors(key: str, value: Any) -> dict[str, tuple[int, bool]]:
     for event, spec in value.items():
         if not event:
             raise ConfigError(key, "event name must not be empty")
-        from .qcow2.events import check_event   # here: only an injection needs the engine's names
+        from .qcow2.events import check_event, parse_errno   # here: only an injection needs the engine's names
         try:
             check_event(event)
         except ValueError as e:
@@ -242,7 +167,7 @@ def check_inject_errors(key: str, value: Any) -> dict[str, tuple[int, bool]]:
     return injections
 
 
-def check_unique_names(exports: list[ExportConfig], key: str = "export") -> None:
+def check_unique_names(exports: list[ExportSettings], key: str = "export") -> None:
     seen: dict[str, int] = {}
     for i, export in enumerate(exports):
         if export.name in seen:
@@ -272,7 +197,7 @@ def _resolve(base: str, path: str) -> str:
     return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
 
 
-def _parse_export(i: int, table: Any, base: str) -> ExportConfig:
+def _parse_export(i: int, table: Any, base: str) -> ExportSettings:
     key = f"export[{i}]"
     if not isinstance(table, dict):
         raise ConfigError(key, f"expected a table ([[export]]), got {_show(table)}")
@@ -280,7 +205,7 @@ def _parse_export(i: int, table: Any, base: str) -> ExportConfig:
     if "image" not in table:
         raise ConfigError(f"{key}.image", "missing (every [[export]] needs an image)")
     image = check_str(f"{key}.image", table["image"], nonempty=True)
-    export = ExportConfig(name=check_str(f"{key}.name", table.get("name", "")),
+    export = ExportSettings(name=check_str(f"{key}.name", table.get("name", "")),
                           image=_resolve(base, image))
     if "format" in table:
         export.format = check_choice(f"{key}.format", table["format"], FORMATS)
@@ -308,7 +233,7 @@ def _parse_export(i: int, table: Any, base: str) -> ExportConfig:
     return export
 
 
-def _parse_tls(table: Any, base: str) -> TlsConfig:
+def _parse_tls(table: Any, base: str) -> TlsSettings:
     key = "server.tls"
     if not isinstance(table, dict):
         raise ConfigError(key, f"expected a table {{ cert = ..., key = ... }}, got {_show(table)}")
@@ -318,7 +243,7 @@ def _parse_tls(table: Any, base: str) -> TlsConfig:
         if name not in table:
             raise ConfigError(f"{key}.{name}", "missing (TLS needs a certificate and its key)")
         paths[name] = _resolve(base, check_str(f"{key}.{name}", table[name], nonempty=True))
-    tls = TlsConfig(cert=paths["cert"], key=paths["key"])
+    tls = TlsSettings(cert=paths["cert"], key=paths["key"])
     if "ca" in table:
         tls.ca = _resolve(base, check_str(f"{key}.ca", table["ca"], nonempty=True))
     if "identity" in table:
@@ -330,8 +255,8 @@ def _parse_tls(table: Any, base: str) -> TlsConfig:
     return tls
 
 
-def parse_config(data: dict[str, Any], base_dir: str) -> ServerConfig:
-    """Build a ServerConfig from parsed TOML; relative paths are taken from ``base_dir``."""
+def parse_config(data: dict[str, Any], base_dir: str) -> ServerSettings:
+    """Build a ServerSettings from parsed TOML; relative paths are taken from ``base_dir``."""
     base = os.path.abspath(base_dir)
     _refuse_unknown("", data, ("server", "export"))
     server = data.get("server", {})
@@ -347,7 +272,7 @@ def parse_config(data: dict[str, Any], base_dir: str) -> ServerConfig:
     exports = [_parse_export(i, t, base) for i, t in enumerate(exports_raw)]
     check_unique_names(exports)
 
-    config = ServerConfig(exports=exports)
+    config = ServerSettings(exports=exports)
     if "socket" in server:
         config.unix_socket = _resolve(base, check_str("server.socket", server["socket"], nonempty=True))
         # Like qemu-nbd -k: a Unix socket alone means no TCP listener unless bind/port ask for one.
@@ -373,7 +298,7 @@ def parse_config(data: dict[str, Any], base_dir: str) -> ServerConfig:
     return config
 
 
-def load_config(path: str | os.PathLike[str]) -> ServerConfig:
+def load_config(path: str | os.PathLike[str]) -> ServerSettings:
     """Read a TOML config file; raise ConfigError naming the first flaw found."""
     import tomllib      # only here: ``serve IMAGE`` and ``create`` take the constants above, not a file
 

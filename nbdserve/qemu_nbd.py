@@ -1,7 +1,7 @@
 """``nbdserve-qemu-nbd``: qemu-nbd 7.2's command line, served by nbdserve's server.
 
-A thin translation (qemu-nbd.c's main()): each flag becomes a field of the ExportConfig /
-ServerConfig that ``nbdserve serve`` runs, with qemu-nbd's defaults (bind 0.0.0.0, port
+A thin translation (qemu-nbd.c's main()): each flag becomes a field of the ExportSettings /
+ServerSettings (server/settings.py) that ``nbdserve serve`` runs, with qemu-nbd's defaults (bind 0.0.0.0, port
 10809, export name "", one client at a time (``-e 1``), exit once the last client has
 gone (no ``-t``), discard ignored, allocation depth only with ``-A``), and it prints
 nothing while serving, as qemu-nbd does.  A flag it cannot honour is refused with one line
@@ -15,8 +15,8 @@ import os
 import re
 import sys
 
-from . import cli
-from .cli import EXIT_RUNTIME, EXIT_USAGE, CliError
+from .cli.errors import EXIT_RUNTIME, EXIT_USAGE, CliError, one_line, report
+from .cli.serve import activated, run
 
 PROG = "nbdserve-qemu-nbd"
 
@@ -39,7 +39,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import CACHE_MODES, DETECT_ZEROES
+    from .server.settings import CACHE_MODES, DETECT_ZEROES
 
     p = _Parser(prog=PROG, description="qemu-nbd's command line, served by nbdserve.")
     p.add_argument("-V", "--version", action="version", version=f"{PROG} (nbdserve; qemu-nbd 7.2 command line)")
@@ -112,7 +112,8 @@ def _objects(texts: list[str]) -> dict:
 
 
 def config_from_args(args: argparse.Namespace):
-    from .config import DEFAULT_PORT, ExportConfig, ServerConfig
+    from .blockdev.probe import FORMATS
+    from .server.settings import DEFAULT_PORT, ExportSettings, ServerSettings
     from .qemu_opts import image_from_opts, tls_config
 
     for dest, (flag, why) in REFUSED.items():
@@ -138,7 +139,7 @@ def config_from_args(args: argparse.Namespace):
     discard = DISCARD_MODES[args.discard or "ignore"]
     if args.detect_zeroes == "unmap" and not discard:
         raise CliError("--detect-zeroes unmap needs --discard unmap (as in qemu-nbd)", EXIT_USAGE)
-    if fmt is not None and fmt not in ("qcow2", "raw"):
+    if fmt is not None and fmt not in FORMATS:
         raise CliError(f"-f {args.format}: nbdserve serves qcow2 and raw images only", EXIT_USAGE)
     if args.socket is not None and not args.socket.startswith("/"):
         raise CliError("-k: socket path must be absolute", EXIT_USAGE)
@@ -146,7 +147,7 @@ def config_from_args(args: argparse.Namespace):
     port = DEFAULT_PORT if args.port is None else _number("-p", args.port, 1)
     if port > 65535:
         raise CliError(f"-p: port out of range: {args.port}", EXIT_USAGE)
-    export = ExportConfig(
+    export = ExportSettings(
         name=args.export_name, image=os.path.abspath(image), format=fmt,
         read_only=args.read_only or args.load_snapshot is not None,   # -l implies -r
         snapshot=args.load_snapshot, description=args.description or "",
@@ -154,7 +155,7 @@ def config_from_args(args: argparse.Namespace):
         multi_conn=shared != 1,          # nbd/server.c: CAN_MULTI_CONN unless one client at a time
         discard=discard, cache=cache, detect_zeroes=args.detect_zeroes or "off",
         bitmaps=tuple(dict.fromkeys(args.bitmap or ())))
-    config = ServerConfig(exports=[export], bind=args.bind or "0.0.0.0", port=port,
+    config = ServerSettings(exports=[export], bind=args.bind or "0.0.0.0", port=port,
                           verbose=False, persistent=args.persistent,
                           max_connections=shared or 1 << 30, queue_when_full=True, tls=tls,
                           extended_headers=False)   # qemu-nbd 7.2 refuses NBD_OPT_EXTENDED_HEADERS
@@ -162,7 +163,7 @@ def config_from_args(args: argparse.Namespace):
         config.unix_socket, config.bind = args.socket, None
     given = [flag for flag, value in (("-k", args.socket), ("-b", args.bind), ("-p", args.port))
              if value is not None]
-    return cli.activated(config, given)
+    return activated(config, given)
 
 
 def _snapshot_overlay(export) -> str:
@@ -170,16 +171,17 @@ def _snapshot_overlay(export) -> str:
     or /var/tmp), which the export serves instead; the caller removes it at exit."""
     import tempfile
 
-    from .images import ImageError, probe_format
+    from .blockdev.images import ImageError
+    from .blockdev.probe import probe_format, virtual_size
     from .qcow2.create import create_image
     try:
         fmt = export.format or probe_format(export.image)
-        size = cli._virtual_size(export.image, fmt)
+        size = virtual_size(export.image, fmt)
         fd, path = tempfile.mkstemp(prefix="vl.", dir=os.environ.get("TMPDIR") or "/var/tmp")
         os.close(fd)
         create_image(path, size, backing=export.image, backing_format=fmt)
     except (OSError, ImageError) as e:
-        raise CliError(f"-s: cannot make the temporary overlay: {cli._one_line(e)}") from None
+        raise CliError(f"-s: cannot make the temporary overlay: {one_line(e)}") from None
     export.image, export.format = path, "qcow2"
     return path
 
@@ -224,10 +226,9 @@ def main(argv: list[str] | None = None) -> int:
             _fork()
         if args.snapshot:
             overlay = _snapshot_overlay(config.exports[0])
-        return cli.run(config, announce=False, quiet=True, on_listening=lambda: _listening(args))
+        return run(config, announce=False, quiet=True, on_listening=lambda: _listening(args))
     except CliError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
-        return e.status
+        return report(e, PROG)
     finally:
         if overlay is not None:
             os.unlink(overlay)

@@ -1,5 +1,5 @@
 """qemu's option strings for ``nbdserve-qemu-nbd``: ``--object`` (the tls-creds-x509 and
-authz-simple types), ``--tls-creds``/``--tls-authz`` onto a TlsConfig, and
+authz-simple types), ``--tls-creds``/``--tls-authz`` onto a TlsSettings, and
 ``--image-opts`` (the qcow2/raw/file subset).  Anything else is refused by name.
 """
 
@@ -9,8 +9,9 @@ import os
 import ssl
 from dataclasses import dataclass
 
-from .cli import EXIT_USAGE, CliError
-from .config import TlsConfig
+from .blockdev.probe import FORMATS
+from .cli.errors import EXIT_USAGE, CliError
+from .server.settings import TlsSettings
 
 # qemu's QOM types qemu-nbd takes, and what to use instead of those refused
 REFUSED_OBJECTS = {
@@ -26,7 +27,6 @@ X509_SERVER_FILES = (   # crypto/tlscredsx509.c qcrypto_tls_creds_x509_load, end
     ("dh-params.pem", False))
 BOOLEANS = {"on": True, "yes": True, "true": True, "y": True,
             "off": False, "no": False, "false": False, "n": False}   # qapi_bool_parse
-IMAGE_FORMATS = ("qcow2", "raw")
 
 
 def parse_opts(text: str, implied: str, flag: str) -> dict[str, str]:
@@ -140,13 +140,13 @@ def parse_object(text: str) -> TlsCredsX509 | AuthzSimple:
     return creds
 
 
-def _sanity_check(tls: TlsConfig, ca: str) -> None:
+def _sanity_check(tls: TlsSettings, ca: str) -> None:
     """qcrypto_tls_creds_x509_sanity_check: the server's own certificate must verify
     against the CA as a client verifies it (OpenSSL: chain, dates, purpose), here in a
     handshake through memory with the server's own context."""
     from .server.tls import TlsSetupError, server_context
     try:
-        server = server_context(TlsConfig(cert=tls.cert, key=tls.key))
+        server = server_context(TlsSettings(cert=tls.cert, key=tls.key))
     except TlsSetupError as e:
         raise CliError(str(e)) from None
     client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -177,7 +177,7 @@ def _sanity_check(tls: TlsConfig, ca: str) -> None:
 
 
 def tls_config(objects: dict[str, TlsCredsX509 | AuthzSimple], creds_id: str | None,
-               authz_id: str | None) -> TlsConfig | None:
+               authz_id: str | None) -> TlsSettings | None:
     """--tls-creds ID [--tls-authz ID] (qemu-nbd.c main, nbd_get_tls_creds): TLS required."""
     if creds_id is None:
         if authz_id is not None:
@@ -191,7 +191,7 @@ def tls_config(objects: dict[str, TlsCredsX509 | AuthzSimple], creds_id: str | N
     if creds.endpoint != "server":
         raise CliError("Failed to get TLS creds: Expected TLS credentials for a server endpoint", EXIT_USAGE)
     files = creds.files()
-    tls = TlsConfig(cert=files["server-cert.pem"], key=files["server-key.pem"],
+    tls = TlsSettings(cert=files["server-cert.pem"], key=files["server-key.pem"],
                     ca=files["ca-cert.pem"] if creds.verify_peer else None, mode="require")
     if creds.sanity_check:
         _sanity_check(tls, files["ca-cert.pem"])
@@ -220,7 +220,7 @@ def image_from_opts(text: str) -> tuple[str, str | None]:
         if not opts.get("filename"):
             raise CliError(f"{flag}: the 'file' block driver requires a file name", EXIT_USAGE)
         return opts["filename"], "raw"
-    if driver is not None and driver not in IMAGE_FORMATS:
+    if driver is not None and driver not in FORMATS:
         raise CliError(f"{flag}: driver={driver}: nbdserve serves qcow2, raw and file only", EXIT_USAGE)
     _refuse_unknown(flag, opts, ("driver", "file.driver", "file.filename"), f"driver={driver or '(probed)'}")
     if opts.get("file.driver", "file") != "file":

@@ -12,7 +12,7 @@ import trio
 
 sys.path.append("/usr/lib/python3/dist-packages")   # Debian's python3-libnbd
 
-from nbdserve.config import ExportConfig, ServerConfig   # noqa: E402
+from nbdserve.server.settings import ExportSettings, ServerSettings   # noqa: E402
 from nbdserve.server import run_server                     # noqa: E402
 
 MiB = 1 << 20
@@ -21,7 +21,7 @@ MiB = 1 << 20
 @dataclass
 class Served:
     port: int
-    config: ServerConfig
+    config: ServerSettings
 
     def uri(self, name: str) -> str:
         return f"nbd://127.0.0.1:{self.port}/{name}"
@@ -37,8 +37,8 @@ def make_raw(path, size: int, regions: dict[int, bytes]) -> str:
     return str(path)
 
 
-async def start_server(nursery, exports: list[ExportConfig], **options) -> Served:
-    config = ServerConfig(exports=exports, bind="127.0.0.1", port=0, **options)
+async def start_server(nursery, exports: list[ExportSettings], **options) -> Served:
+    config = ServerSettings(exports=exports, bind="127.0.0.1", port=0, **options)
     bound = await nursery.start(run_server, config)
     return Served(port=bound[0][1], config=config)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from nbdserve.config import ExportConfig
+from nbdserve.server.settings import ExportSettings
 from nbdhelpers import MiB, libnbd_handle, make_raw, run, start_server
 from test_nbd_core import (ACK, BS, CACHE, CHUNK_MAGIC, DISC, EINVAL, ENOSPC, ERR, FLUSH, IHAVEOPT, NBDMAGIC, OPT, READ,
                            REPLY_MAGIC, REQ_MAGIC, SIMPLE_MAGIC, TRIM, WRITE, WZ, info_payload, meta_payload, option,
@@ -509,7 +509,7 @@ async def abused_server(tmp_path):
     nbd_logger.setLevel(logging.INFO)
     try:
         async with trio.open_nursery() as nursery:
-            served = await start_server(nursery, [ExportConfig("disk", disk, "raw"), ExportConfig("big", big, "raw")],
+            served = await start_server(nursery, [ExportSettings("disk", disk, "raw"), ExportSettings("big", big, "raw")],
                                         handshake_timeout=HANDSHAKE_TIMEOUT)
             good = GoodClient(served.uri("disk"))
             good_done = trio.Event()
@@ -617,7 +617,7 @@ async def connection_limit(tmp_path, log: PeerLog, limit: int, excess: int) -> i
     closed without a greeting (one line each); once the idle ones time out, clients get in."""
     disk = make_raw(tmp_path / "limit.raw", MiB, {0: b"limit"})
     async with trio.open_nursery() as nursery:
-        served = await start_server(nursery, [ExportConfig("l", disk, "raw")],
+        served = await start_server(nursery, [ExportSettings("l", disk, "raw")],
                                     handshake_timeout=HANDSHAKE_TIMEOUT, max_connections=limit)
         idle = []
         for _ in range(limit):
@@ -643,7 +643,7 @@ async def test_pipelined_big_writes_to_a_slow_image_hold_bounded_memory(tmp_path
     payload waits in request tasks (server/inflight.py) instead of buffering them all."""
     image = tmp_path / "slow.qcow2"
     await run("qemu-img", "create", "-q", "-f", "qcow2", str(image), "4G")
-    served = await start_server(nursery, [ExportConfig("slow", str(image), "qcow2", delays={"write_aio": 1.0})])
+    served = await start_server(nursery, [ExportSettings("slow", str(image), "qcow2", delays={"write_aio": 1.0})])
     c = await Client.connect(served.port)
     await c.negotiate(export="slow", structured=False)
     sent = 0

@@ -251,7 +251,7 @@ def expected_demo_base() -> bytes:
 
 
 def test_demo_chain_is_created(tmp_path):
-    from nbdserve.cli import make_demo_chain
+    from nbdserve.demo import make_demo_chain
 
     make_demo_chain(tmp_path / "demo")
     base, top = tmp_path / "demo" / "base.qcow2", tmp_path / "demo" / "top.qcow2"

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from nbdserve.config import ConfigError, ExportConfig, ServerConfig, TlsConfig, load_config
+from nbdserve.config import ConfigError, load_config
+from nbdserve.server.settings import ExportSettings, ServerSettings, TlsSettings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,12 +48,12 @@ def test_full_config(tmp_path):
         image = "/srv/raw.img"
         """)
     config = load_config(path)
-    assert config == ServerConfig(
+    assert config == ServerSettings(
         exports=[
-            ExportConfig(name="disk", image=str(sub / "images" / "disk.qcow2"), format="qcow2",
+            ExportSettings(name="disk", image=str(sub / "images" / "disk.qcow2"), format="qcow2",
                          read_only=True, description="a disk", allocator="qemu-1.1.2",
                          delays={"cow_read": 0.5, "cow_write": 1.0}, bitmaps=("b0", "backup-1")),
-            ExportConfig(name="abs", image="/srv/raw.img"),
+            ExportSettings(name="abs", image="/srv/raw.img"),
         ],
         bind="0.0.0.0", port=10999, unix_socket=str(sub / "run" / "nbd.sock"),
         verbose=True, handshake_timeout=2.5, max_connections=7, extended_headers=False,
@@ -67,7 +68,7 @@ def test_defaults_and_relative_path_from_config_folder(tmp_path, monkeypatch):
         """)
     monkeypatch.chdir("/")  # the config's folder counts, not the working directory
     config = load_config(os.path.relpath(path, "/"))
-    assert config == ServerConfig(exports=[ExportConfig(name="", image=str(tmp_path / "disk.raw"))])
+    assert config == ServerSettings(exports=[ExportSettings(name="", image=str(tmp_path / "disk.raw"))])
     assert config.bind == "127.0.0.1" and config.port == 10809
 
 
@@ -102,7 +103,7 @@ def test_tls_table(tmp_path):
         [[export]]
         image = "a.raw"
         """)
-    assert load_config(path).tls == TlsConfig(cert=str(tmp_path / "pki" / "server-cert.pem"), key="/etc/key.pem",
+    assert load_config(path).tls == TlsSettings(cert=str(tmp_path / "pki" / "server-cert.pem"), key="/etc/key.pem",
                                               ca=str(tmp_path / "pki" / "ca-cert.pem"), mode="on")
 
 
@@ -127,7 +128,7 @@ def test_tls_subtable_defaults_to_required_without_client_verification(tmp_path)
         [[export]]
         image = "a.raw"
         """)
-    assert load_config(path).tls == TlsConfig(cert=str(tmp_path / "c.pem"), key=str(tmp_path / "k.pem"),
+    assert load_config(path).tls == TlsSettings(cert=str(tmp_path / "c.pem"), key=str(tmp_path / "k.pem"),
                                               ca=None, mode="require")
 
 

@@ -1,4 +1,4 @@
-"""nbdserve check/info/map (nbdserve.cli_image and nbdserve.qcow2.inspect) against qemu-img.
+"""nbdserve check/info/map (nbdserve.cli.image and nbdserve.qcow2.inspect) against qemu-img.
 
 The subcommands are registered with ``add_subcommands`` on a parser of the
 tests' own, so they are exercised exactly as nbdserve's CLI dispatches them.
@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from nbdserve.cli_image import add_subcommands
+from nbdserve.cli.image import add_subcommands
 from nbdserve.qcow2.inspect import format_info_human, format_map_human, format_map_json, image_info, image_map
 
 

@@ -40,7 +40,7 @@ import trio
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from nbdserve.images import ImageError, open_image
+from nbdserve.blockdev.images import ImageError, open_image
 from nbdserve.qcow2.check import check_image
 from nbdserve.qcow2.errors import Qcow2Error
 from nbdserve.qcow2.inspect import image_info, image_map

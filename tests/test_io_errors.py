@@ -25,7 +25,7 @@ import pytest
 import trio
 
 from conftest import NbdserveProcess, free_port, import_libnbd, nbdserve_command
-from nbdserve.config import ExportConfig, ServerConfig
+from nbdserve.server.settings import ExportSettings, ServerSettings
 from nbdserve.qcow2 import Qcow2Image
 from nbdserve.qcow2.events import EVENTS
 from nbdserve.server import run_server
@@ -227,17 +227,17 @@ def _cases(first_steps: dict[str, dict[str, int]]) -> list[Case]:
 async def test_injected_errors_reach_the_client(tmp_path):
     first_steps = {s.name: await _dry_run(tmp_path, s) for s in SCENARIOS}
     cases = _cases(first_steps)
-    exports = [ExportConfig("control", str(make_image(tmp_path, SCENARIOS[0], "control")), "qcow2")]
+    exports = [ExportSettings("control", str(make_image(tmp_path, SCENARIOS[0], "control")), "qcow2")]
     for case in cases:
         case.image = make_image(tmp_path, case.scenario, case.name)
-        exports.append(ExportConfig(case.name, str(case.image), "qcow2",
+        exports.append(ExportSettings(case.name, str(case.image), "qcow2",
                                     inject_errors={case.event: (case.err, case.once)}))
         if case.once:   # a second export for qemu-io
-            exports.append(ExportConfig("qemu-io." + case.name,
+            exports.append(ExportSettings("qemu-io." + case.name,
                                         str(make_image(tmp_path, case.scenario, "qemu-io." + case.name)),
                                         "qcow2", inject_errors={case.event: (case.err, case.once)}))
     stop = trio.Event()
-    config = ServerConfig(exports=exports, bind="127.0.0.1", port=0)
+    config = ServerSettings(exports=exports, bind="127.0.0.1", port=0)
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(functools.partial(run_server, config, shutdown=stop))
         base = f"nbd://127.0.0.1:{bound[0][1]}/"

@@ -50,7 +50,7 @@ async def test_serve_in_a_nursery_with_several_exports(tmp_path):
 def test_a_bad_image_raises_at_start(tmp_path):
     bad = tmp_path / "bad.qcow2"
     bad.write_bytes(b"QFI\xfb" + bytes(508))
-    from nbdserve.images import ImageError
+    from nbdserve.blockdev.images import ImageError
     with pytest.raises(ImageError, match=r"bad\.qcow2: Unsupported qcow2 version 0"):
         with nbdserve.Server(bad, format="qcow2"):
             pass

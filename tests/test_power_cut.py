@@ -33,7 +33,7 @@ import pytest
 import trio
 
 from nbdserve.blockdev import fileio
-from nbdserve.config import ExportConfig
+from nbdserve.server.settings import ExportSettings
 from nbdserve.qcow2 import events as blkdebug_events
 from nbdhelpers import libnbd_handle, start_server
 from qemu_tools import create
@@ -238,7 +238,7 @@ async def test_power_cut(tmp_path, shape):
     blkdebug_events.observers.append(rec.event)
     try:
         async with trio.open_nursery() as nursery:
-            served = await start_server(nursery, [ExportConfig("d", image, "qcow2")])
+            served = await start_server(nursery, [ExportSettings("d", image, "qcow2")])
             await trio.to_thread.run_sync(drive, served.uri("d"), ops, rec)
             nursery.cancel_scope.cancel()
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 
-from nbdserve.config import ExportConfig
+from nbdserve.server.settings import ExportSettings
 from nbdhelpers import free_port, run, start_server
 
 
@@ -39,7 +39,7 @@ async def _map(uri: str, context: str) -> list:
 
 async def test_chain_maps_and_data_equal_qemu_nbd(tmp_path, nursery):
     top = await make_chain(tmp_path)
-    server = await start_server(nursery, [ExportConfig("top", top, "qcow2", read_only=True)])
+    server = await start_server(nursery, [ExportSettings("top", top, "qcow2", read_only=True)])
     port = free_port()
     pidfile = tmp_path / "qemu-nbd.pid"
     await run("qemu-nbd", "-f", "qcow2", "-x", "top", "-p", str(port), "-b", "127.0.0.1", "-t", "-r", "-A",

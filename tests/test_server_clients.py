@@ -9,7 +9,7 @@ import os
 import pytest
 import trio
 
-from nbdserve.config import ExportConfig
+from nbdserve.server.settings import ExportSettings
 from nbdhelpers import (MiB, file_bytes, free_port, libnbd_handle, make_raw, run, same_files,
                         start_server)
 
@@ -26,8 +26,8 @@ async def served(tmp_path, nursery):
     disk = make_raw(tmp_path / "disk.raw", SIZE, REGIONS)
     ro = make_raw(tmp_path / "ro.raw", 16 * MiB, {0: RO_DATA})
     server = await start_server(nursery, [
-        ExportConfig("disk", disk, "raw", description="the test disk"),
-        ExportConfig("ro", ro, "raw", read_only=True),
+        ExportSettings("disk", disk, "raw", description="the test disk"),
+        ExportSettings("ro", ro, "raw", read_only=True),
     ])
     server.disk, server.ro = disk, ro
     return server

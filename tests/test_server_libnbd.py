@@ -9,7 +9,7 @@ import pytest
 from conftest import import_libnbd
 import trio
 
-from nbdserve.config import ExportConfig
+from nbdserve.server.settings import ExportSettings
 from nbdhelpers import MiB, file_bytes, libnbd_handle, make_raw, run, start_server
 
 nbd = import_libnbd()
@@ -22,8 +22,8 @@ DATA = os.urandom(MiB)          # at 8 MiB; the rest of the disk is a hole
 async def served(tmp_path, nursery):
     disk = make_raw(tmp_path / "disk.raw", SIZE, {8 * MiB: DATA})
     ro = make_raw(tmp_path / "ro.raw", MiB, {0: b"ro"})
-    server = await start_server(nursery, [ExportConfig("disk", disk, "raw"),
-                                          ExportConfig("ro", ro, "raw", read_only=True)], max_connections=100)
+    server = await start_server(nursery, [ExportSettings("disk", disk, "raw"),
+                                          ExportSettings("ro", ro, "raw", read_only=True)], max_connections=100)
     server.disk = disk
     return server
 
@@ -175,7 +175,7 @@ async def test_64_clients_at_once(served):
 
 async def test_connection_limit_and_handshake_timeout(tmp_path, nursery):
     disk = make_raw(tmp_path / "d.raw", MiB, {})
-    server = await start_server(nursery, [ExportConfig("d", disk, "raw")], max_connections=1,
+    server = await start_server(nursery, [ExportSettings("d", disk, "raw")], max_connections=1,
                                 handshake_timeout=1.0)
     first = await trio.open_tcp_stream("127.0.0.1", server.port)
     assert len(await first.receive_some(18)) > 0            # its session exists
@@ -189,10 +189,10 @@ async def test_connection_limit_and_handshake_timeout(tmp_path, nursery):
 
 async def test_graceful_shutdown(tmp_path):
     from nbdserve.server import run_server
-    from nbdserve.config import ServerConfig
+    from nbdserve.server.settings import ServerSettings
     disk = make_raw(tmp_path / "g.raw", MiB, {})
     stop = trio.Event()
-    config = ServerConfig(exports=[ExportConfig("g", disk, "raw")], port=0)
+    config = ServerSettings(exports=[ExportSettings("g", disk, "raw")], port=0)
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(lambda task_status: run_server(config, task_status=task_status, shutdown=stop))
         h = await in_thread(libnbd_handle, f"nbd://127.0.0.1:{bound[0][1]}/g")

@@ -8,16 +8,16 @@ import sys
 
 import trio
 
-from nbdserve.config import ExportConfig
+from nbdserve.server.settings import ExportSettings
 from nbdhelpers import MiB, file_bytes, libnbd_handle, make_raw, run, start_server
 
 SERVE_SCRIPT = """
 import sys, trio
-from nbdserve.config import ExportConfig, ServerConfig
+from nbdserve.server.settings import ExportSettings, ServerSettings
 from nbdserve.server import run_server
 
 async def main():
-    config = ServerConfig(exports=[ExportConfig("d", sys.argv[1], "raw")], port=0)
+    config = ServerSettings(exports=[ExportSettings("d", sys.argv[1], "raw")], port=0)
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(run_server, config)
         print(bound[0][1], flush=True)
@@ -56,7 +56,7 @@ async def test_qcow2_export_reads_like_qemu(tmp_path, nursery):
     raw = make_raw(tmp_path / "src.raw", 16 * MiB, {MiB: b"\x5a" * 65536, 9 * MiB: b"qcow2!" * 100})
     image = str(tmp_path / "img.qcow2")
     await run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, image)
-    server = await start_server(nursery, [ExportConfig("q", image, "qcow2")])
+    server = await start_server(nursery, [ExportSettings("q", image, "qcow2")])
     await run("qemu-img", "compare", "-f", "raw", server.uri("q"), "-F", "raw", raw)
     out = (await run("qemu-io", "-f", "raw", server.uri("q"), "-c", "write -P 0x77 2M 64k",
                      "-c", "read -P 0x77 2M 64k", "-c", "read -P 0x5a 1M 64k")).stdout.decode()

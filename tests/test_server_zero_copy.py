@@ -13,7 +13,7 @@ from conftest import import_libnbd
 import trio
 
 from nbdserve.blockdev import FILE_SLICE_MIN, FileSlice, RawFile
-from nbdserve.config import ExportConfig
+from nbdserve.server.settings import ExportSettings
 from nbdserve.qcow2 import Qcow2Image
 from nbdserve.server.sender import ReplySender
 from nbdhelpers import MiB, make_raw, run, start_server
@@ -114,8 +114,8 @@ def read_all(uri: str, request: int, *, structured: bool = True, df: bool = Fals
 @pytest.mark.parametrize("mode", ["structured", "df", "simple"])
 async def test_clients_read_what_qemu_reads(tmp_path, nursery, mode):
     top, copy, expected = chain(tmp_path)
-    served = await start_server(nursery, [ExportConfig("ro", top, "qcow2", read_only=True),
-                                          ExportConfig("rw", copy, "qcow2")])
+    served = await start_server(nursery, [ExportSettings("ro", top, "qcow2", read_only=True),
+                                          ExportSettings("rw", copy, "qcow2")])
     for name in ("ro", "rw"):
         for request in (4096, 3 * MiB + 512, 32 * MiB):
             got = await trio.to_thread.run_sync(lambda: read_all(
@@ -125,7 +125,7 @@ async def test_clients_read_what_qemu_reads(tmp_path, nursery, mode):
 
 async def test_nbdcopy_and_qemu_img_compare(tmp_path, nursery):
     top, _, expected = chain(tmp_path)
-    served = await start_server(nursery, [ExportConfig("ro", top, "qcow2", read_only=True)])
+    served = await start_server(nursery, [ExportSettings("ro", top, "qcow2", read_only=True)])
     out = tmp_path / "copy.raw"
     await run("nbdcopy", "--connections=4", "--requests=16", served.uri("ro"), str(out))
     assert out.read_bytes() == expected

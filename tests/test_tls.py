@@ -22,7 +22,7 @@ import trio
 
 from conftest import nbdserve_command, import_libnbd
 from nbdhelpers import MiB, file_bytes, make_raw, run, same_files, start_server
-from nbdserve.config import ExportConfig, TlsConfig
+from nbdserve.server.settings import ExportSettings, TlsSettings
 from tlscerts import Pki, make_pki
 
 
@@ -43,9 +43,9 @@ def pki(tmp_path_factory) -> Pki:
 
 # -- the server and the clients -----------------------------------------------------------------
 
-async def serve(nursery, tmp_path, tls: TlsConfig, **options):
+async def serve(nursery, tmp_path, tls: TlsSettings, **options):
     disk = make_raw(tmp_path / "disk.raw", SIZE, {8 * MiB: DATA})
-    server = await start_server(nursery, [ExportConfig("disk", disk, "raw")], tls=tls, **options)
+    server = await start_server(nursery, [ExportSettings("disk", disk, "raw")], tls=tls, **options)
     server.disk = disk
     return server
 

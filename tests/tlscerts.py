@@ -12,7 +12,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from nbdserve.config import TlsConfig
+from nbdserve.server.settings import TlsSettings
 
 CA_CONFIG = """\
 [req]
@@ -40,8 +40,8 @@ class Pki:
     no_cert: Path     # ca-cert.pem only
     wrong_ca: Path    # ca-cert.pem + a client certificate another CA signed
 
-    def tls(self, mode: str = "require", verify_clients: bool = True) -> TlsConfig:
-        return TlsConfig(cert=str(self.server / "server-cert.pem"), key=str(self.server / "server-key.pem"),
+    def tls(self, mode: str = "require", verify_clients: bool = True) -> TlsSettings:
+        return TlsSettings(cert=str(self.server / "server-cert.pem"), key=str(self.server / "server-key.pem"),
                          ca=str(self.server / "ca-cert.pem") if verify_clients else None, mode=mode)
 
 

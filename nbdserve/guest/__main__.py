@@ -11,7 +11,7 @@ import sys
 
 import trio
 
-from ..config import ALLOCATORS
+from ..qcow2.policy import ALLOCATORS
 from .harness import CLIENTS, WORKLOADS, format_guest_results, missing_requirements, run_guest
 
 

@@ -40,6 +40,7 @@ is planted: both allocators see the very same guest, images, workload and delays
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -50,9 +51,8 @@ from dataclasses import asdict, dataclass, field
 
 import trio
 
-from ..config import ExportConfig, ServerConfig
+from ..api import Export, serve
 from ..qcow2.create import create_image
-from ..server import run_server
 from . import debian
 from .initramfs import build_initramfs, kernel_image
 from .workload import WorkloadSpec, build_base_image
@@ -213,15 +213,11 @@ async def run_guest_once(allocator: str, client: str = "virtio", *, run: int = 1
     create_image(top, size, cluster_size=64 << 10, backing=backing, backing_format="qcow2")
     console = os.path.join(workdir, "console.log")
     trace = os.path.join(workdir, "trace.jsonl")
-    config = ServerConfig(exports=[ExportConfig(name=EXPORT, image=top, format="qcow2",
-                                                allocator=allocator, delays=delays, trace=trace)],
-                          bind="127.0.0.1", port=0, handshake_timeout=timeout)
+    export = Export(top, name=EXPORT, format="qcow2", allocator=allocator, delays=delays, trace=trace)
     errors: list[str] = []
-    shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
-        bound = await nursery.start(lambda task_status: run_server(config, task_status=task_status,
-                                                                    shutdown=shutdown))
-        port = bound[0][1]
+        serving = await nursery.start(functools.partial(serve, [export], handshake_timeout=timeout))
+        port = serving.port
         argv = qemu_argv(vmlinuz, initrd, client, port, console, workload)
         with open(os.path.join(workdir, "qemu.cmdline"), "w") as f:
             f.write(" ".join(argv) + "\n")
@@ -231,7 +227,7 @@ async def run_guest_once(allocator: str, client: str = "virtio", *, run: int = 1
                 errors.append(f"qemu exited {r.returncode}: {r.stderr.decode(errors='replace').strip()}")
         if scope.cancelled_caught:
             errors.append(f"guest did not finish within {timeout:.0f} s")
-        shutdown.set()
+        serving.stop()
     seconds = time.monotonic() - start
     text = open(console, errors="replace").read() if os.path.exists(console) else ""
     verdict = await _qemu_img_check(top)

@@ -57,6 +57,19 @@ def check_suspendable(name: str, what: str = "be delayed") -> None:
                          f"events that can: {', '.join(sorted(ASYNC_EVENTS))}")
 
 
+_ERRNO_BY_NAME = {name: number for number, name in errno_mod.errorcode.items()}
+
+
+def parse_errno(text: str | int) -> int | None:
+    """An errno to inject (qemu blkdebug's errno=), given as a name (``"ENOSPC"``, any case) or a number; None if it is neither."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        number = text
+    elif isinstance(text, str):
+        number = int(text) if text.isdigit() else _ERRNO_BY_NAME.get(text.upper())
+    else:
+        return None
+    return number if number in errno_mod.errorcode else None
+
 @dataclass
 class _Breakpoint:
     event: str

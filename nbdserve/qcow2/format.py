@@ -13,11 +13,12 @@ import struct
 from construct import (BitsInteger, BitStruct, Bytes, Const, Flag, Int8ub, Int16ub,
                        Int32ub, Int64ub, Padding, PaddedString, Struct, this)
 
-MAGIC = b"QFI\xfb"
+from ..blockdev.probe import QCOW2_MAGIC
+
 
 # qcow2.txt: "Header" (version 2 ends at byte 72; version 3 adds the rest)
 HeaderV2 = Struct(
-    "magic" / Const(MAGIC),
+    "magic" / Const(QCOW2_MAGIC),
     "version" / Int32ub,
     "backing_file_offset" / Int64ub,
     "backing_file_size" / Int32ub,

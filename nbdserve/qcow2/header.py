@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from ..blockdev.probe import QCOW2_MAGIC
 from . import format as fmt
 from .errors import Qcow2Error
 
@@ -77,7 +78,7 @@ def read_header(fd: int) -> Qcow2Header:
     """Parse and validate the header of the qcow2 file open at ``fd``."""
     file_size = os.fstat(fd).st_size
     raw = os.pread(fd, fmt.HEADER_V3_WITH_COMPRESSION, 0)
-    if len(raw) < 8 or raw[:4] != fmt.MAGIC:
+    if len(raw) < 8 or raw[:4] != QCOW2_MAGIC:
         raise Qcow2Error("Image is not in qcow2 format (bad magic)")
     version = int.from_bytes(raw[4:8], "big")
     if version not in (2, 3):

@@ -15,17 +15,17 @@ import os
 import sys
 import time
 
+from ..cli.errors import CliError, command
+from ..guest.harness import CLIENTS as GUEST_CLIENTS, WORKLOADS as GUEST_WORKLOADS
 from ..qcow2.policy import ALLOCATORS
 from .scenarios import SCENARIOS
 
-GUEST_CLIENTS = ("virtio", "nbd-client")
 # the A/B of Philipp's bisect: qemu 1.1.2, and qemu 1.1.2 with only b7ab0fea applied
 DEFAULT_PAIR = ("qemu-1.1.2", "qemu-1.1.2+b7ab0fea")
-GUEST_WORKLOADS = ("debian", "synthetic")
 
 
 def add_arguments(r: argparse.ArgumentParser) -> None:
-    """The arguments of nbdserve's ``reproduce`` subparser (nbdserve.cli registers it)."""
+    """The arguments of nbdserve's ``reproduce`` subparser (nbdserve/cli/parser.py registers it)."""
     r.add_argument("scenario", choices=[*SCENARIOS, "guest", "all"], metavar="SCENARIO",
                    help=f"one of: {', '.join(SCENARIOS)}, guest (a Linux guest running dpkg), "
                         "or all (every one of them, the guest through both client paths)")
@@ -61,6 +61,7 @@ class Progress:
             print(f"[{elapsed // 60}:{elapsed % 60:02d}] {text}", file=sys.stderr, flush=True)
 
 
+@command
 def cmd_reproduce(args: argparse.Namespace) -> int:
     import trio
 
@@ -75,13 +76,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     clients = [args.client] if args.client else (list(GUEST_CLIENTS) if args.scenario == "all" else ["virtio"])
 
     if args.report and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):
-        raise SystemExit(f"nbdserve: error: reproduce --report {args.report}: no such folder")
+        raise CliError(f"reproduce --report {args.report}: no such folder")
     missing = None
     if with_guest:
         from ..guest import missing_requirements
         missing = missing_requirements(args.workload)
         if missing and args.scenario == "guest":
-            raise SystemExit(f"nbdserve: error: reproduce guest: {missing}")
+            raise CliError(f"reproduce guest: {missing}")
 
     pictured = []
     guests = []
@@ -130,5 +131,5 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         try:
             write_report(args.report, pictured, guests)
         except OSError as e:
-            raise SystemExit(f"nbdserve: error: reproduce --report {args.report}: {e.strerror}") from None
+            raise CliError(f"reproduce --report {args.report}: {e.strerror}") from None
     return 0

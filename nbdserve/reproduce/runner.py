@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -11,9 +12,8 @@ from dataclasses import asdict, dataclass, field
 
 import trio
 
-from ..config import ExportConfig, ServerConfig
+from ..api import Export, serve
 from ..qcow2.create import create_image
-from ..server import run_server
 from ..qcow2.trace import read_trace
 from .culprits import allocations_of, describe_culprit, find_culprits, offset_text, size_text
 from .model import DiskModel, differing_ranges, pattern_checks
@@ -96,26 +96,21 @@ async def run_scenario(scenario: Scenario, allocator: str, *, keep: bool = False
         expected = bytes(model.data)
         actual_path = os.path.join(workdir, "actual.raw")
         trace_path = os.path.join(workdir, "trace.jsonl")
-        config = ServerConfig(exports=[ExportConfig(name=EXPORT, image=top, format="qcow2",
-                                                    allocator=allocator, delays=dict(scenario.delays),
-                                                    trace=trace_path)],
-                              bind="127.0.0.1", port=0,
-                              control=os.path.join(workdir, "control.sock") if scenario.script else None)
-        shutdown = trio.Event()
+        export = Export(top, name=EXPORT, format="qcow2", allocator=allocator, delays=dict(scenario.delays),
+                        trace=trace_path)
+        control = os.path.join(workdir, "control.sock") if scenario.script else None
         check_results = []
         hit: dict[str, bool] = {}
         async with trio.open_nursery() as nursery:
-            bound = await nursery.start(lambda task_status: run_server(config, task_status=task_status,
-                                                                        shutdown=shutdown))
-            host, port = bound[0]
-            uri = f"nbd://{host}:{port}/{EXPORT}"
+            serving = await nursery.start(functools.partial(serve, [export], control=control))
+            uri = serving.uri
             if scenario.setup:
                 await qemu_io(uri, scenario.setup)
             for invocation in scenario.invocations:
                 await qemu_io(uri, invocation)
             checks = pattern_checks(list(scenario.checks))
             if scenario.script:   # the checks follow in the same qemu-io process
-                run = await run_script(uri, config.control, scenario.script + scenario.checks)
+                run = await run_script(uri, control, scenario.script + scenario.checks)
                 printed, hit = dict(run.outputs), run.hit
                 for check in checks:
                     check_results.append({"command": check.command,
@@ -126,7 +121,7 @@ async def run_scenario(scenario: Scenario, allocator: str, *, keep: bool = False
                     check_results.append({"command": check.command,
                                           "ok": PATTERN_FAILED.encode() not in r.stdout})
             await _run(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, actual_path])
-            shutdown.set()
+            serving.stop()
         with open(actual_path, "rb") as f:
             actual = f.read()
         check = await _run(["qemu-img", "check", "--output=json", top], check=False)

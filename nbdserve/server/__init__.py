@@ -1,6 +1,16 @@
-"""The Trio transport: listeners, one task per connection and per request."""
+"""The Trio transport: listeners, one task per connection and per request.
 
-from .app import run_server
-from .exports import Export, export_info, nbd_errno, open_export
+What to serve comes as settings.py's plain types.  Names are imported on first use, so that
+building settings (config.py, the command line) does not import Trio.
+"""
 
-__all__ = ["run_server", "Export", "export_info", "nbd_errno", "open_export"]
+from .._lazy import lazy_getattr
+
+_EXPORTS = {
+    "run_server": ".app", "Export": ".exports", "export_info": ".exports", "nbd_errno": ".exports",
+    "open_export": ".exports", "ExportSettings": ".settings", "ServerSettings": ".settings",
+    "TlsSettings": ".settings",
+}
+__all__ = list(_EXPORTS)
+
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -13,13 +13,13 @@ import threading
 
 import trio
 
-from ..config import ServerConfig
 from ..logline import OneLineFormatter
 from ..nbd import ExportCatalog, TlsMode
 from .commands import CONNECTION_REFUSALS, Refusals
 from .control import Control, release_breakpoints
 from .exports import Export, open_export
 from .session import Session
+from .settings import ServerSettings
 from .tls import server_context
 
 log = logging.getLogger("nbdserve.server")
@@ -75,20 +75,20 @@ def _remove_our_socket(path: str, ours: tuple[int, int] | None) -> None:
             pass
 
 
-async def _open_listeners(config: ServerConfig) -> tuple[list[trio.SocketListener], list]:
+async def _open_listeners(settings: ServerSettings) -> tuple[list[trio.SocketListener], list]:
     listeners, bound = [], []
-    for fd in config.listen_fds:   # sd_listen_fds(3): already bound and listening
+    for fd in settings.listen_fds:   # sd_listen_fds(3): already bound and listening
         sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))   # family from the fd
         listeners.append(trio.SocketListener(sock))
         name = sock.getsockname()
         bound.append(name[:2] if isinstance(name, tuple) else name)
-    if config.bind is not None:
-        for listener in await trio.open_tcp_listeners(config.port, host=config.bind or None):
+    if settings.bind is not None:
+        for listener in await trio.open_tcp_listeners(settings.port, host=settings.bind or None):
             listeners.append(listener)
             bound.append(listener.socket.getsockname()[:2])
-    if config.unix_socket:
-        listeners.append(await _unix_listener(config.unix_socket))
-        bound.append(config.unix_socket)
+    if settings.unix_socket:
+        listeners.append(await _unix_listener(settings.unix_socket))
+        bound.append(settings.unix_socket)
     if not listeners:
         raise ValueError("nothing to listen on: no bind address and no unix socket")
     return listeners, bound
@@ -103,10 +103,10 @@ def _peer_name(stream) -> str:
 
 
 class _Server:
-    def __init__(self, config: ServerConfig, exports: dict[str, Export], stop: trio.Event):
-        self.config, self.exports, self.stop = config, exports, stop
+    def __init__(self, settings: ServerSettings, exports: dict[str, Export], stop: trio.Event):
+        self.settings, self.exports, self.stop = settings, exports, stop
         self.catalog = ExportCatalog([e.info for e in exports.values()])
-        tls = config.tls
+        tls = settings.tls
         self.tls_mode = TlsMode(tls.mode) if tls is not None else TlsMode.OFF
         self.tls_context = server_context(tls) if self.tls_mode is not TlsMode.OFF else None
         self.sessions: set[Session] = set()
@@ -114,8 +114,8 @@ class _Server:
 
     async def handle(self, stream) -> None:
         peer = _peer_name(stream)
-        while len(self.sessions) >= self.config.max_connections:
-            if not self.config.queue_when_full:
+        while len(self.sessions) >= self.settings.max_connections:
+            if not self.settings.queue_when_full:
                 log.warning("%s: refused, %d connections open", peer, len(self.sessions))
                 await trio.aclose_forcefully(stream)
                 return
@@ -124,9 +124,9 @@ class _Server:
                 await trio.aclose_forcefully(stream)
                 return
         log.info("%s: connected", peer)
-        session = Session(stream, peer, self.exports, self.catalog, self.config.handshake_timeout,
-                          self.config.verbose, self.tls_mode, self.tls_context,
-                          extended_headers=self.config.extended_headers)
+        session = Session(stream, peer, self.exports, self.catalog, self.settings.handshake_timeout,
+                          self.settings.verbose, self.tls_mode, self.tls_context,
+                          extended_headers=self.settings.extended_headers)
         self.sessions.add(session)
         refusals = Refusals()
         CONNECTION_REFUSALS.set(refusals)   # this task's context, copied into its request tasks
@@ -139,7 +139,7 @@ class _Server:
             if refusals.count:
                 log.warning("%s: %s", peer, refusals.summary())
             # qemu-nbd.c nbd_client_closed(): without -t, the last negotiated client's exit ends it
-            if session.negotiated and not self.sessions and not self.config.persistent:
+            if session.negotiated and not self.sessions and not self.settings.persistent:
                 log.info("last client left, shutting down (not persistent)")
                 self.stop.set()
 
@@ -154,9 +154,9 @@ async def _wait_for_signal(stop: trio.Event) -> None:
             return
 
 
-async def run_server(config: ServerConfig, *, task_status=trio.TASK_STATUS_IGNORED,
+async def run_server(settings: ServerSettings, *, task_status=trio.TASK_STATUS_IGNORED,
                      shutdown: trio.Event | None = None) -> None:
-    """Serve ``config.exports`` until SIGTERM/SIGINT (or ``shutdown`` is set).
+    """Serve ``settings.exports`` until SIGTERM/SIGINT (or ``shutdown`` is set).
 
     Reports the bound (host, port) pairs / unix socket paths via task_status.
     Raises ImageError if an export cannot be opened, TlsSetupError if the TLS files are unusable."""
@@ -165,17 +165,17 @@ async def run_server(config: ServerConfig, *, task_status=trio.TASK_STATUS_IGNOR
     exports: dict[str, Export] = {}
     listening = False
     try:
-        for export_config in config.exports:
-            exports[export_config.name] = await open_export(export_config)
-            log.debug("export %r: %s (%d bytes, flags %#x)", export_config.name, export_config.image,
-                     exports[export_config.name].info.size, exports[export_config.name].info.flags)
-        server = _Server(config, exports, stop)
-        listeners, bound = await _open_listeners(config)
-        ours = {config.unix_socket: _identity(config.unix_socket)} if config.unix_socket else {}
+        for export_settings in settings.exports:
+            exports[export_settings.name] = await open_export(export_settings)
+            log.debug("export %r: %s (%d bytes, flags %#x)", export_settings.name, export_settings.image,
+                     exports[export_settings.name].info.size, exports[export_settings.name].info.flags)
+        server = _Server(settings, exports, stop)
+        listeners, bound = await _open_listeners(settings)
+        ours = {settings.unix_socket: _identity(settings.unix_socket)} if settings.unix_socket else {}
         # the control socket (owner only: it can stop and fail requests); its clients end at shutdown
-        control = [await _unix_listener(config.control, 0o600)] if config.control else []
-        if config.control:
-            ours[config.control] = _identity(config.control)
+        control = [await _unix_listener(settings.control, 0o600)] if settings.control else []
+        if settings.control:
+            ours[settings.control] = _identity(settings.control)
         async with trio.open_nursery() as outer:
             outer.start_soon(_wait_for_signal, stop)
             async with trio.open_nursery() as connections:
@@ -184,7 +184,7 @@ async def run_server(config: ServerConfig, *, task_status=trio.TASK_STATUS_IGNOR
                                                             handler_nursery=connections))
                     if control:
                         accepting.start_soon(trio.serve_listeners, Control(exports).handle, control)
-                        log.info("control socket %s", config.control)
+                        log.info("control socket %s", settings.control)
                     log.info("listening on %s", ", ".join(map(str, bound)))
                     listening = True
                     task_status.started(bound)

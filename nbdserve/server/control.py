@@ -12,9 +12,9 @@ import logging
 
 import trio
 
-from ..config import parse_errno
 from ..control import MAX_LINE, ControlError, encode, parse_reply, parse_request, reply_error, reply_ok
-from ..images import ImageError
+from ..blockdev.images import ImageError
+from ..qcow2.events import parse_errno
 from .exports import RAW_HAS_NO_EVENTS, Export, blkdebug, start_trace, stop_trace
 
 log = logging.getLogger("nbdserve.server")
@@ -125,7 +125,7 @@ class Control:
         export = self._export(request)
         events = blkdebug(export.device)
         if events is None:
-            raise ControlError(f"export {export.config.name!r} serves a raw file: {RAW_HAS_NO_EVENTS}")
+            raise ControlError(f"export {export.settings.name!r} serves a raw file: {RAW_HAS_NO_EVENTS}")
         return events
 
     def _trace(self, request: dict) -> None:
@@ -135,12 +135,12 @@ class Control:
         if request["state"] == "off":
             stop_trace(export.image)
             return
-        path = request.get("file") or export.config.trace
+        path = request.get("file") or export.settings.trace
         if path is None:
-            raise ControlError(f"export {export.config.name!r} has no trace file: "
+            raise ControlError(f"export {export.settings.name!r} has no trace file: "
                                "give one (trace on FILE) or serve with --trace FILE")
         try:
-            start_trace(f"export {export.config.name!r}", export.image, path)
+            start_trace(f"export {export.settings.name!r}", export.image, path)
         except ImageError as e:
             raise ControlError(str(e)) from None
 

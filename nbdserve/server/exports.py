@@ -10,11 +10,11 @@ import trio
 
 from ..blockdev import BlockDevice
 from ..blockdev.chain import ChainPolicy
-from ..config import ExportConfig
-from ..images import ImageError, open_image
+from ..blockdev.images import ImageError, open_image
 from ..nbd import ExportInfo, TransmissionFlag as TF
 from ..nbd.constants import CONTEXT_QEMU_ALLOCATION_DEPTH, CONTEXT_QEMU_DIRTY_BITMAP, Errno
 from ..nbd.exports import ALL_CONTEXTS
+from .settings import ExportSettings
 
 if TYPE_CHECKING:
     from ..qcow2.bitmaps import DirtyBitmap
@@ -53,63 +53,63 @@ def export_info(name: str, device: BlockDevice, description: str = "", *,
 
 @dataclass
 class Export:
-    config: ExportConfig
+    settings: ExportSettings
     device: BlockDevice
     info: ExportInfo
     bitmaps: dict[str, DirtyBitmap] = field(default_factory=dict)   # context name -> bitmap
     image: BlockDevice | None = None   # the image under the filters (device without them)
 
 
-async def open_export(config: ExportConfig) -> Export:
+async def open_export(settings: ExportSettings) -> Export:
     """Open the image (raises ImageError, the image closed again); every connection shares
     this device."""
-    chain = ChainPolicy(backing_root=config.backing_root, no_backing=config.no_backing,
-                        force_share=config.force_share)
-    device = open_image(config.image, config.format, read_only=config.read_only,
-                        allocator=config.allocator, delays=config.delays, snapshot=config.snapshot,
+    chain = ChainPolicy(backing_root=settings.backing_root, no_backing=settings.no_backing,
+                        force_share=settings.force_share)
+    device = open_image(settings.image, settings.format, read_only=settings.read_only,
+                        allocator=settings.allocator, delays=settings.delays, snapshot=settings.snapshot,
                         chain=chain)
     try:
-        return _export(config, device)
+        return _export(settings, device)
     except BaseException:
         with trio.CancelScope(shield=True):   # a writable image's bitmaps are in use until closed
             await device.close()
         raise
 
 
-def _export(config: ExportConfig, device: BlockDevice) -> Export:
-    if (config.delays or config.inject_errors) and blkdebug(device) is None:
-        what = "delay" if config.delays else "inject_error"
-        raise ImageError(f"{config.image}: {what} needs a qcow2 image ({RAW_HAS_NO_EVENTS})")
-    if config.inject_errors:
-        _inject_errors(config, device)
-    bitmaps = _find_bitmaps(config, device)
+def _export(settings: ExportSettings, device: BlockDevice) -> Export:
+    if (settings.delays or settings.inject_errors) and blkdebug(device) is None:
+        what = "delay" if settings.delays else "inject_error"
+        raise ImageError(f"{settings.image}: {what} needs a qcow2 image ({RAW_HAS_NO_EVENTS})")
+    if settings.inject_errors:
+        _inject_errors(settings, device)
+    bitmaps = _find_bitmaps(settings, device)
     image = device
-    if config.trace:
-        start_trace(config.image, image, config.trace)
-    if not config.discard or config.cache != "writeback" or config.detect_zeroes != "off":
+    if settings.trace:
+        start_trace(settings.image, image, settings.trace)
+    if not settings.discard or settings.cache != "writeback" or settings.detect_zeroes != "off":
         from ..blockdev.qemu_options import QemuBlockOptions
-        device = QemuBlockOptions(device, discard=config.discard,
-                                  writethrough=config.cache in ("writethrough", "directsync"),
-                                  no_flush=config.cache == "unsafe", detect_zeroes=config.detect_zeroes)
-    if config.offset:
+        device = QemuBlockOptions(device, discard=settings.discard,
+                                  writethrough=settings.cache in ("writethrough", "directsync"),
+                                  no_flush=settings.cache == "unsafe", detect_zeroes=settings.detect_zeroes)
+    if settings.offset:
         from ..blockdev.offset import OffsetDevice
         try:
-            device = OffsetDevice(device, config.offset)
+            device = OffsetDevice(device, settings.offset)
         except OSError as e:
-            raise ImageError(f"{config.image}: {e.strerror}") from None
-    return Export(config, device, export_info(config.name, device, config.description,
-                                              allocation_depth=config.allocation_depth,
-                                              multi_conn=config.multi_conn, bitmaps=config.bitmaps),
+            raise ImageError(f"{settings.image}: {e.strerror}") from None
+    return Export(settings, device, export_info(settings.name, device, settings.description,
+                                              allocation_depth=settings.allocation_depth,
+                                              multi_conn=settings.multi_conn, bitmaps=settings.bitmaps),
                   {CONTEXT_QEMU_DIRTY_BITMAP + b.name: b for b in bitmaps}, image)
 
 
-def _find_bitmaps(config: ExportConfig, device: BlockDevice) -> list[DirtyBitmap]:
+def _find_bitmaps(settings: ExportSettings, device: BlockDevice) -> list[DirtyBitmap]:
     """qemu nbd/server.c nbd_export_create(): each -B bitmap, looked for down the backing
     chain; an inconsistent one (left in use by a crash) is refused, with qemu's messages."""
-    if config.bitmaps and config.offset:
-        raise ImageError(f"{config.image}: dirty bitmaps cannot be served with an offset")
+    if settings.bitmaps and settings.offset:
+        raise ImageError(f"{settings.image}: dirty bitmaps cannot be served with an offset")
     found = []
-    for name in config.bitmaps:
+    for name in settings.bitmaps:
         layer, bm = device, None
         while layer is not None and bm is None:
             bitmaps = getattr(layer, "bitmaps", None)
@@ -153,14 +153,14 @@ def blkdebug(device: BlockDevice):
     return getattr(device, "events", None)
 
 
-def _inject_errors(config: ExportConfig, device: BlockDevice) -> None:
+def _inject_errors(settings: ExportSettings, device: BlockDevice) -> None:
     """qemu blkdebug's [inject-error] (qemu-iotests 026): the engine's events fail with an errno."""
     events = blkdebug(device)
-    for event, (err, once) in config.inject_errors.items():
+    for event, (err, once) in settings.inject_errors.items():
         try:
             events.inject_error(event, err, once)
         except ValueError as e:   # an unknown event name
-            raise ImageError(f"{config.image}: {e}") from None
+            raise ImageError(f"{settings.image}: {e}") from None
 
 
 _NBD_ERRNO = {

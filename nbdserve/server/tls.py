@@ -14,7 +14,7 @@ import ssl
 
 import trio
 
-from ..config import TlsConfig
+from .settings import TlsSettings
 from .x509_name import DerError, subject_dn
 
 
@@ -47,7 +47,7 @@ class ServerContext(ssl.SSLContext):
     allowed_identity: str | None = None
 
 
-def server_context(tls: TlsConfig) -> ServerContext:
+def server_context(tls: TlsSettings) -> ServerContext:
     """The SSLContext for ``tls``; TlsSetupError names the file at fault."""
     for path in (tls.cert, tls.key, tls.ca):
         if path is not None:

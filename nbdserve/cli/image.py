@@ -3,7 +3,8 @@
 ``add_subcommands(subparsers)`` registers the three subcommands on the
 subparsers of nbdserve's parser; each handler returns the exit status
 (check: 0 clean, 1 check errors or a file that cannot be checked, 2
-corruptions, 3 leaks only, like qemu-img check).
+corruptions, 3 leaks only, like qemu-img check); a file that cannot be read at all is a
+CliError (exit 1).
 """
 
 from __future__ import annotations
@@ -11,22 +12,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-PROG = "nbdserve"
+from .errors import PROG, command, file_error
 
 
-def _fail(args: argparse.Namespace, exc: BaseException) -> int:
-    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    print(f"{PROG}: error: {args.file}: {' '.join(text.split())}", file=sys.stderr, flush=True)
-    return 1
-
-
+@command
 def cmd_check(args: argparse.Namespace) -> int:
-    from .qcow2.check import check_image
-    from .qcow2.errors import Qcow2Error
+    from ..qcow2.check import check_image
+    from ..qcow2.errors import Qcow2Error
     try:
         res = check_image(args.file, repair=args.repair)
     except (Qcow2Error, OSError) as e:
-        return _fail(args, e)
+        raise file_error(args.file, e) from None
     for line in res.messages:
         print(line, file=sys.stderr)
     sys.stderr.flush()
@@ -50,10 +46,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     return res.exit_code
 
 
+@command
 def cmd_info(args: argparse.Namespace) -> int:
-    from .blockdev.chain import ChainError, ChainPolicy
-    from .qcow2.errors import Qcow2Error
-    from .qcow2.inspect import chain_info, format_info_human, image_info
+    from ..blockdev.chain import ChainError, ChainPolicy
+    from ..qcow2.errors import Qcow2Error
+    from ..qcow2.inspect import chain_info, format_info_human, image_info
     policy = ChainPolicy(backing_root=args.backing_root, no_backing=args.no_backing)
     try:
         if args.backing_chain:
@@ -63,7 +60,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             if info.get("backing-filename") is not None:   # the policy's verdict on the name
                 policy.backing_path(args.file, info["backing-filename"])
     except (Qcow2Error, ChainError, OSError) as e:
-        return _fail(args, e)
+        raise file_error(args.file, e) from None
     if args.output == "json":
         import json
         print(json.dumps(info, indent=4))
@@ -75,9 +72,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+@command
 def cmd_map(args: argparse.Namespace) -> int:
-    from .qcow2.errors import Qcow2Error
-    from .qcow2.inspect import format_map_human, format_map_json, image_map
+    from ..qcow2.errors import Qcow2Error
+    from ..qcow2.inspect import format_map_human, format_map_json, image_map
     try:
         if args.output == "json":
             sys.stdout.write(format_map_json(image_map(args.file)))
@@ -86,7 +84,7 @@ def cmd_map(args: argparse.Namespace) -> int:
             text, error = format_map_human(args.file)
             sys.stdout.write(text)
     except (Qcow2Error, OSError) as e:
-        return _fail(args, e)
+        raise file_error(args.file, e) from None
     sys.stdout.flush()
     if error:
         print(f"{PROG}: {error}", file=sys.stderr, flush=True)
