@@ -446,6 +446,23 @@ def test_write_payload_byte_by_byte():
         (WRITE, 7, 1, payload, 0), (FLUSH, 8, 0, None, 0)]
 
 
+@pytest.mark.parametrize("split", [None, 1, 7, 28 + 65536, 28 + 65536 + 28 + 100])
+def test_large_write_payloads_in_any_pieces(split):
+    """Payloads of 64 KiB and more leave the receive buffer as it is (no copy): what follows
+    them in the same bytes must still be the next request, wherever the pieces end."""
+    conn, _ = negotiate()
+    big, bigger = bytes(range(256)) * 256, bytes(range(255, -1, -1)) * 256   # max_block of DISK
+    data = (request(WRITE, 0, len(big), cookie=1, data=big) + request(WRITE, 0, len(bigger), cookie=2, data=bigger)
+            + request(FLUSH, cookie=3) + request(WRITE, 0, 512, cookie=4, data=big[:512]))
+    pieces = [data] if split is None else [data[i:i + split] for i in range(0, len(data), split)] \
+        if split < 100 else [data[:split], data[split:]]
+    events = []
+    for piece in pieces:
+        events += feed(conn, piece, bytewise=False)
+    assert [(e.command, e.cookie, e.data) for e in events] == [
+        (WRITE, 1, big), (WRITE, 2, bigger), (FLUSH, 3, None), (WRITE, 4, big[:512])]
+
+
 @pytest.mark.parametrize("req, error", [
     (dict(cmd=99), EINVAL),                                   # unknown command
     (dict(cmd=READ, length=512, flags=1 << 5), EINVAL),       # unknown flag

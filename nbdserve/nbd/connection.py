@@ -41,6 +41,8 @@ def _command_flags(flags: int) -> CommandFlag:
 SERVER_HANDSHAKE_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
 
 
+HAND_OVER = 64 * 1024   # payloads this large leave the receive buffer without a copy (_take)
+
 class ServerConnection:
     def __init__(self, catalog: ExportCatalog, *, max_option_length: int = MAX_OPTION_LENGTH,
                  tls_mode: TlsMode = TlsMode.OFF, extended_headers: bool = True):
@@ -131,10 +133,16 @@ class ServerConnection:
             return self._close("eof")
         raise ProtocolError(f"connection closed with {count - len(self._buffer)} more bytes due")
 
-    def _take(self, count: int) -> bytes:
-        with memoryview(self._buffer) as view, view[:count] as part:
+    def _take(self, count: int) -> bytes | bytearray:
+        buf = self._buffer
+        if count >= HAND_OVER and len(buf) - count < count:
+            # a large payload: the buffer itself becomes it, and only what follows is copied
+            self._buffer = buf[count:]
+            del buf[count:]
+            return buf
+        with memoryview(buf) as view, view[:count] as part:
             data = bytes(part)
-        del self._buffer[:count]
+        del buf[:count]
         return data
 
     def _discard(self) -> bool:
