@@ -1,18 +1,38 @@
 """Guest -> host cluster mapping: the lookup half of qemu's block/qcow2-cluster.c.
 
-qcow2.txt: "Cluster mapping".  A guest range maps to runs ``[kind, guest offset,
-length, host offset or compressed entry]`` of one kind each (UNALLOCATED, ZERO,
-DATA, COMPRESSED); host-contiguous DATA runs are merged.
+qcow2.txt: "Cluster mapping".  A guest range maps to MappedRuns of one ClusterKind
+each; host-contiguous DATA runs are merged.
 """
 
 from __future__ import annotations
 
 from array import array
+from enum import IntEnum
+from typing import NamedTuple
 
 from . import format as fmt
 
-# run kinds of the guest -> host mapping
-UNALLOCATED, ZERO, DATA, COMPRESSED = range(4)
+
+class ClusterKind(IntEnum):
+    """What a guest range reads from (qcow2.txt: "L2 entries", "Extended L2 Entries")."""
+
+    UNALLOCATED = 0   # the backing file, or zeros
+    ZERO = 1
+    DATA = 2
+    COMPRESSED = 3
+
+
+UNALLOCATED, ZERO, DATA, COMPRESSED = ClusterKind
+
+
+class MappedRun(NamedTuple):
+    """A guest range of one kind; ``host``: the host offset of DATA, the L2 entry of
+    COMPRESSED (one cluster per run), else 0."""
+
+    kind: ClusterKind
+    offset: int
+    length: int
+    host: int
 EXTL2_ALL_ALLOCATED = fmt.SUBCLUSTER_ALLOC_MASK
 EXTL2_ALL_ZERO = fmt.SUBCLUSTER_ZERO_MASK
 
@@ -33,7 +53,7 @@ class ClusterMapping:
         except OSError as e:
             raise self._corruption(str(e)) from None
 
-    def _classify(self, entry: int, bitmap: int, sub: int) -> int:
+    def _classify(self, entry: int, bitmap: int, sub: int) -> ClusterKind:
         if entry & fmt.QCOW_OFLAG_COMPRESSED:
             return COMPRESSED
         if self.extended_l2:
@@ -48,9 +68,9 @@ class ClusterMapping:
             return ZERO
         return DATA if entry & fmt.L2E_OFFSET_MASK else UNALLOCATED
 
-    def _map(self, offset: int, length: int) -> list[list[int]]:
-        """Guest range -> [kind, guest offset, length, host offset or compressed entry] runs."""
-        runs: list[list[int]] = []
+    def _map(self, offset: int, length: int) -> list[MappedRun]:
+        """The runs of a guest range, in order."""
+        runs: list[MappedRun] = []
         end = offset + length
         pos = offset
         unit = self.subcluster_size
@@ -73,7 +93,7 @@ class ClusterMapping:
                 kind = self._classify(entry, bitmap, sub)
                 if kind == COMPRESSED:
                     n = min(table_end, (pos | cmask) + 1) - pos
-                    runs.append([COMPRESSED, pos, n, entry])
+                    runs.append(MappedRun(COMPRESSED, pos, n, entry))
                     pos += n
                     continue
                 n = min(table_end - pos, unit - (pos % unit))
@@ -88,13 +108,13 @@ class ClusterMapping:
         return runs
 
     @staticmethod
-    def _add_run(runs, kind, pos, n, host):
+    def _add_run(runs: list[MappedRun], kind: ClusterKind, pos: int, n: int, host: int) -> None:
         if runs:
             last = runs[-1]
-            if last[0] == kind and kind != COMPRESSED and (kind != DATA or last[3] + last[2] == host):
-                last[2] += n
+            if last.kind == kind and kind != COMPRESSED and (kind != DATA or last.host + last.length == host):
+                runs[-1] = MappedRun(kind, last.offset, last.length + n, last.host)
                 return
-        runs.append([kind, pos, n, host])
+        runs.append(MappedRun(kind, pos, n, host))
 
     def _keepable(self, entry: int, bitmap: int) -> bool:
         """Allocated, COPIED, plain data: written in place (qemu: QCOW_OFLAG_COPIED)."""
