@@ -39,25 +39,14 @@ class CheckResult:
         return 0
 
     def to_json(self) -> dict:
-        """The keys of ``qemu-img check --output=json`` (optional ones only when nonzero)."""
-        out: dict = {}
-        if self.image_end_offset:
-            out["image-end-offset"] = self.image_end_offset
-        for key, value in (("total-clusters", self.total_clusters),):
+        """The keys of ``qemu-img check --output=json`` (optional ones only when nonzero), in
+        the order qemu-img prints them."""
+        values = {"filename": self.filename, "format": self.format, "check-errors": self.check_errors}
+        for key in _OPTIONAL_KEYS:
+            value = getattr(self, key.replace("-", "_"))
             if value:
-                out[key] = value
-        out["check-errors"] = self.check_errors
-        for key, value in (("corruptions", self.corruptions), ("leaks", self.leaks),
-                           ("corruptions-fixed", self.corruptions_fixed),
-                           ("leaks-fixed", self.leaks_fixed),
-                           ("allocated-clusters", self.allocated_clusters),
-                           ("fragmented-clusters", self.fragmented_clusters),
-                           ("compressed-clusters", self.compressed_clusters)):
-            if value:
-                out[key] = value
-        out["filename"] = self.filename
-        out["format"] = self.format
-        return out
+                values[key] = value
+        return {key: values[key] for key in _JSON_ORDER if key in values}
 
     def human(self) -> str:
         """The summary qemu-img check prints on stdout."""
@@ -93,3 +82,21 @@ class CheckResult:
 
 COUNTS = ("corruptions", "leaks", "check_errors", "corruptions_fixed", "leaks_fixed",
           "allocated_clusters", "fragmented_clusters", "compressed_clusters")
+
+
+def _qdict_bucket(key: str) -> int:
+    """qemu: qobject/qdict.c tdb_hash(key) % QDICT_BUCKET_MAX."""
+    value = (0x238F13AF * len(key)) & 0xFFFFFFFF
+    for i, ch in enumerate(key.encode()):
+        value = (value + (ch << (i * 5 % 24))) & 0xFFFFFFFF
+    return ((1103515243 * value + 12345) & 0xFFFFFFFF) % 512
+
+
+# qapi/block-core.json ImageCheck, in its declared order (the order the QDict is filled)
+_QAPI_KEYS = ("filename", "format", "check-errors", "image-end-offset", "corruptions", "leaks",
+              "corruptions-fixed", "leaks-fixed", "total-clusters", "allocated-clusters",
+              "fragmented-clusters", "compressed-clusters")
+_OPTIONAL_KEYS = _QAPI_KEYS[3:]
+# qemu-img prints the QDict bucket by bucket (these keys fall in distinct buckets)
+_JSON_ORDER = sorted(_QAPI_KEYS, key=_qdict_bucket)
+assert len({_qdict_bucket(k) for k in _QAPI_KEYS}) == len(_QAPI_KEYS)
