@@ -17,7 +17,8 @@ from nbdserve.nbd.requests import RequestChecker, check_request
 from nbdserve.qcow2 import format as fmt
 from nbdserve.qcow2.check.checker import Checker
 from nbdserve.qcow2.check.copied import copied_fast
-from nbdserve.qcow2.check.fastpaths import ContiguousRuns, decode_refblock
+from nbdserve.qcow2.check.computed import ComputedRefcounts
+from nbdserve.qcow2.check.fastpaths import ContiguousRuns, decode_refblock, narrow_refblock, widen
 from nbdserve.qcow2.check.result import CheckResult
 from nbdserve.qcow2.header import read_header
 from qemu_tools import create
@@ -40,6 +41,56 @@ def decode_refblock_plain(raw: bytes, bits: int) -> list[int]:
 def test_decode_refblock(bits, raw):
     raw = raw[:len(raw) - len(raw) % max(1, bits // 8)]
     assert list(decode_refblock(raw, bits)) == decode_refblock_plain(raw, bits)
+
+
+def refcount_values(bits: int):
+    """Refcounts near the edges of one byte and of the entry width."""
+    top = (1 << bits) - 1
+    return st.lists(st.sampled_from(sorted({min(top, v) for v in (0, 1, 2, 254, 255, 256, top)})),
+                    max_size=64).map(lambda v: v[:len(v) - len(v) % max(1, 8 // bits)])
+
+
+@settings(max_examples=300)
+@given(data=st.data(), bits=st.sampled_from([1, 2, 4, 8, 16, 32, 64]))
+def test_narrow_refblock(data, bits):
+    values = data.draw(refcount_values(bits))
+    raw = encode_refblock_plain(values, bits)
+    plain = decode_refblock_plain(raw, bits)
+    narrow = narrow_refblock(raw, bits)
+    assert narrow == (bytes(plain) if all(v < 255 for v in plain) else None)
+    if narrow is not None and bits >= 8:
+        assert widen(narrow, bits // 8, "big") == raw          # rebuild.py writes blocks so
+
+
+# ------------------------------------------------- computed refcounts (check)
+
+@settings(max_examples=300)
+@given(ops=st.lists(st.tuples(st.sampled_from(["run", "one", "limited", "set"]), st.integers(0, 40),
+                              st.integers(0, 12), st.sampled_from([1, 3, 254, 255, 256, 1000]))),
+       limit=st.sampled_from([1, 3, 15, 255, 65535]))
+def test_computed_refcounts(ops, limit):
+    """ComputedRefcounts (one byte per cluster, a side table) against a list of ints."""
+    n = 52
+    counts, plain = ComputedRefcounts(n), [0] * n
+    for op, k, m, value in ops:
+        if op == "run":
+            counts.add_run(k, m)
+            plain[k:k + m] = [v + 1 for v in plain[k:k + m]]
+        elif op == "one":
+            counts.add_one(k)
+            plain[k] += 1
+        elif op == "limited":
+            refused = [i for i in range(k, k + m) if plain[i] >= value]
+            assert counts.add_limited(k, k + m, value) == refused
+            plain[k:k + m] = [v if v >= value else v + 1 for v in plain[k:k + m]]
+        else:
+            counts[k] = value
+            plain[k] = value
+    assert list(counts.values(0, n)) == plain
+    assert [counts[k] for k in range(n)] == plain
+    assert counts.above(limit) == [k for k, v in enumerate(plain) if v > limit]
+    for first, end in ((0, n), (5, 30), (40, 52)):
+        assert counts.used_end(first, end) == max((k + 1 for k in range(first, end) if plain[k]), default=first)
 
 
 # ---------------------------------------------------- sequential L2 tables (check)
@@ -74,6 +125,14 @@ def l2_tables(cs: int):
                 entries[draw(st.integers(0, n - 1))] = draw(st.sampled_from([0, 1, cs, first + cs, 1 << 62]))
         return struct.pack(f">{n}Q", *entries)
     return table()
+
+
+def runs(cs: int):
+    """Tables that are one contiguous run, with COPIED or without."""
+    n = cs // 8
+    return st.builds(lambda m, first, flags: struct.pack(f">{n}Q", *[flags | (first + i * cs) for i in range(m)],
+                                                         *[0] * (n - m)),
+                     st.integers(1, n), st.sampled_from([cs, 2 * cs]), st.sampled_from([0, fmt.QCOW_OFLAG_COPIED]))
 
 
 @settings(max_examples=300, deadline=None)
@@ -126,14 +185,15 @@ def encode_refblock_plain(values: list[int], bits: int) -> bytes:
 def l2_check_state(c: Checker) -> tuple:
     """What counting one L2 table leaves behind: every computed refcount and the result."""
     c.end_counting()
-    return list(c.ref), c.res.counts(), c.res.messages
+    return list(c.ref.values(0, len(c.ref))), c.res.counts(), c.res.messages
 
 
 @settings(max_examples=200, deadline=None)
 @given(data=st.data(), cs=st.sampled_from([512, 4096]), refbits=st.sampled_from([1, 16]),
        frag=st.booleans())
-def test_l2_fast(tmp_path_factory, data, cs, refbits, frag):
-    """_l2_fast, where it takes a table, counts what the entry-by-entry loop counts."""
+def test_count_run(tmp_path_factory, data, cs, refbits, frag):
+    """_count_run, given a table ContiguousRuns.find takes, counts what the entry-by-entry
+    loop counts."""
     raw = data.draw(l2_tables(cs))
     before = data.draw(st.lists(st.integers(0, cs // 8 + 4), max_size=4))   # clusters counted already
     states = []
@@ -145,10 +205,10 @@ def test_l2_fast(tmp_path_factory, data, cs, refbits, frag):
             for k in before:
                 c._inc(k * cs, cs)
             if fast:
-                took = c._l2_fast(raw, frag)
-                assert took == (contiguous_run_plain(raw, cs, FILE_LEN)[1] >= 0)
-                if not took:
+                run = c.runs.find(raw, FILE_LEN)
+                if run[1] < 0:
                     return
+                c._count_run(run, frag)
             else:
                 c._check_l2_entries(raw, 1 << 30, frag, 0)
             states.append(l2_check_state(c))
@@ -158,29 +218,30 @@ def test_l2_fast(tmp_path_factory, data, cs, refbits, frag):
 
 
 def copied_fast_plain(raw: bytes, cs: int, block0: list[int]) -> bool:
-    """copied_fast's contract: a table of zeros, or a contiguous COPIED run whose clusters
-    all have the stored refcount 1 (block0 holds the first refcount block; no other exists)."""
+    """copied_fast's contract: a table of zeros, or a contiguous run whose clusters all have
+    the stored refcount 1 if COPIED is set, none if not (block0 holds the first refcount
+    block; no other exists: there the refcounts are 0)."""
     first, m = contiguous_run_plain(raw, cs, FILE_LEN)
     if m <= 0:
         return m == 0
-    if first & ~fmt.L2E_OFFSET_MASK != fmt.QCOW_OFLAG_COPIED:
-        return False
     k = (first & fmt.L2E_OFFSET_MASK) // cs
-    return all(k + i < len(block0) and block0[k + i] == 1 for i in range(m))
+    stored = [block0[k + i] if k + i < len(block0) else 0 for i in range(m)]
+    if first & fmt.QCOW_OFLAG_COPIED:
+        return all(rc == 1 for rc in stored)
+    return all(rc != 1 for rc in stored)
 
 
 @settings(max_examples=200, deadline=None)
 @given(data=st.data(), cs_bits=st.sampled_from([(512, 16), (512, 64), (4096, 16)]))
 def test_copied_fast(tmp_path_factory, data, cs_bits):
     cs, refbits = cs_bits
-    block0 = [1] * (cs * 8 // refbits)
+    block0 = [data.draw(st.sampled_from([1, 2]))] * (cs * 8 // refbits)
     for _ in range(data.draw(st.integers(0, 2))):
-        block0[data.draw(st.integers(0, min(len(block0), cs // 8 + 4) - 1))] = data.draw(st.sampled_from([0, 2]))
-    raw = data.draw(l2_tables(cs).map(lambda t: t if data.draw(st.booleans()) else bytes(
-        x | 0x80 if i % 8 == 0 and t[i:i + 8] != bytes(8) else x for i, x in enumerate(t))))
+        block0[data.draw(st.integers(0, min(len(block0), cs // 8 + 4) - 1))] = data.draw(st.sampled_from([0, 1, 2]))
+    raw = data.draw(st.one_of(l2_tables(cs), runs(cs)))
     c = Checker(image(tmp_path_factory, cs, refbits, block0), writable=False)
     try:
-        assert copied_fast(raw, c.runs, c.stored) == copied_fast_plain(raw, cs, block0)
+        assert copied_fast(c.runs.find(raw, FILE_LEN), c.stored) == copied_fast_plain(raw, cs, block0)
     finally:
         c.close()
 

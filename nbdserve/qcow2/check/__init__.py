@@ -1,7 +1,9 @@
 """Consistency check and repair of a qcow2 image, like ``qemu-img check [-r leaks|all]``.
 
 - checker.py: the check itself (qemu: qcow2_check_refcounts), one pass over the image;
+- computed.py: the refcounts the metadata says, one byte per cluster;
 - stored.py: the stored refcounts as the check reads and a repair writes them;
+- copied.py: the COPIED flags against the stored refcounts (qemu: check_oflag_copied);
 - fastpaths.py: the loops that run without a Python loop over table entries;
 - rebuild.py: ``-r all``'s new refcount structures (qemu: rebuild_refcount_structure);
 - result.py: ``CheckResult``, printed as qemu-img check prints it.

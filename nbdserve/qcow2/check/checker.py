@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import errno
 import itertools
-import operator
 import os
-from array import array
 
 from ...blockdev.fileio import pwrite_all
 from .. import format as fmt
@@ -33,11 +31,14 @@ from ..bitmaps import read_directory, referenced_regions
 from ..header import MAX_L1_BYTES, Qcow2Header, read_header
 from ..l2cache import decode_table
 from ..snapshot import read_snapshot_table
-from .copied import check_oflag_copied
-from .fastpaths import ContiguousRuns
+from .computed import BIG, ComputedRefcounts
+from .copied import ActiveRuns, check_oflag_copied
+from .fastpaths import ContiguousRuns, decode_refblock, narrow_refblock
 from .rebuild import rebuild_refcount_structure
 from .result import COUNTS, FIX_ERRORS, FIX_LEAKS, CheckResult
 from .stored import StoredRefcounts
+
+CHUNK = 256             # entries compare() compares as one slice where a block differs
 
 
 class Checker:
@@ -55,6 +56,7 @@ class Checker:
 
     def close(self) -> None:
         os.close(self.fd)
+        self.ref = None     # at once: self.stored reads through self._pread, a cycle the GC frees late
 
     def _setup(self) -> None:
         h = self.h
@@ -71,8 +73,6 @@ class Checker:
         self.snapshots, self.snapshots_size = read_snapshot_table(self.fd, self.h)
         self.bitmaps = read_directory(self.fd, h)   # qemu opens the image: a broken directory fails
         n = self.cs // 8                                          # entries of an L2 table
-        self._zeros = array("Q", bytes(8 * n))                    # to compare slices with
-        self._ones = array("Q", [1]) * n
         self.runs = ContiguousRuns(self.cs, n)
 
     def _pread(self, n: int, offset: int) -> bytes:
@@ -93,16 +93,10 @@ class Checker:
                       f"cluster or more: offset {offset:#x} size {size:#x}")
             self.res.corruptions += 1
             return
-        ref = self.ref
         last = (offset + size - 1) >> self.cb
-        if last >= len(ref):
-            ref.extend(array("Q", [0]) * (last + 1 - len(ref)))
-        refmax = self.refmax
-        for k in range(offset >> self.cb, last + 1):
-            if ref[k] >= refmax:
-                self._overflow(k)
-            else:
-                ref[k] += 1
+        self.ref.grow(last + 1)
+        for k in self.ref.add_limited(offset >> self.cb, last + 1, self.refmax):
+            self._overflow(k)
 
     def _overflow(self, cluster: int) -> None:
         self._msg(f"ERROR: overflow cluster offset={cluster << self.cb:#x}")
@@ -110,15 +104,19 @@ class Checker:
                   "create a clean copy if the image cannot be opened for writing")
         self.res.corruptions += 1
 
-    def _check_l2(self, l2_offset: int, frag: bool, fix: int = 0) -> None:
-        """qemu: check_refcounts_l2()."""
+    def _check_l2(self, l2_offset: int, frag: bool, fix: int = 0) -> tuple[int, int] | None:
+        """qemu: check_refcounts_l2(); returns the table's run if ContiguousRuns.find took it."""
         raw = self._pread(self.l2_bytes, l2_offset)
-        if not self.extl2 and self._l2_fast(raw, frag):
-            return
+        if not self.extl2:
+            run = self.runs.find(raw, self.file_len)
+            if run[1] >= 0:
+                self._count_run(run, frag)
+                return run
         self._check_l2_entries(raw, l2_offset, frag, fix)
+        return None
 
     def _check_l2_entries(self, raw: bytes, l2_offset: int, frag: bool, fix: int) -> None:
-        """check_refcounts_l2() entry by entry, for any table (the reference of _l2_fast)."""
+        """check_refcounts_l2() entry by entry, for any table (the reference of _count_run)."""
         res = self.res
         self._may_exceed_refmax = True      # the loop below counts without the refcount_bits limit
         table = decode_table(raw)
@@ -127,6 +125,7 @@ class Checker:
         else:
             entries, bitmaps = table, None
         ref = self.ref
+        low = ref.low
         cb, cs, cmask = self.cb, self.cs, self.cs - 1
         file_len = self.file_len
         COMPRESSED, COPIED, ZERO = fmt.QCOW_OFLAG_COMPRESSED, fmt.QCOW_OFLAG_COPIED, fmt.QCOW_OFLAG_ZERO
@@ -202,28 +201,25 @@ class Checker:
             elif off >= file_len:
                 self._inc(off, cs)              # reports the reference past the end
             else:
-                ref[off >> cb] += 1
+                k = off >> cb
+                v = low[k]
+                if v < BIG - 1:
+                    low[k] = v + 1
+                else:
+                    ref.add_one(k)
         res.allocated_clusters += allocated
         res.fragmented_clusters += fragmented
         res.compressed_clusters += compressed
 
-    def _l2_fast(self, raw: bytes, frag: bool) -> bool:
-        """The common cases of _check_l2 (a table of zeros, or a sequentially allocated one)
-        without a Python loop."""
-        first, m = self.runs.find(raw, self.file_len)
-        if m <= 0:
-            return m == 0
-        k0 = (first & fmt.L2E_OFFSET_MASK) >> self.cb
-        ref = self.ref
-        part = ref[k0:k0 + m]
-        if part == self._zeros[:m]:
-            ref[k0:k0 + m] = self._ones[:m]
-        else:
-            ref[k0:k0 + m] = array("Q", map(operator.add, part, itertools.repeat(1, m)))
+    def _count_run(self, run: tuple[int, int], frag: bool) -> None:
+        """check_refcounts_l2() for a table that ContiguousRuns.find took (a table of zeros,
+        or a sequentially allocated one) without a Python loop."""
+        first, m = run
+        if m:
+            self.ref.add_run((first & fmt.L2E_OFFSET_MASK) >> self.cb, m)
             self._may_exceed_refmax = True
-        if frag:
-            self.res.allocated_clusters += m
-        return True
+            if frag:
+                self.res.allocated_clusters += m
 
     def _check_l1(self, l1_offset: int, l1_size: int, frag: bool, fix: int = 0) -> None:
         """qemu: check_refcounts_l1()."""
@@ -232,6 +228,8 @@ class Checker:
         self._inc(l1_offset, l1_size * 8)
         l1 = decode_table(self._pread(l1_size * 8, l1_offset))
         cs = self.cs
+        if frag:        # the active L1: the runs check_oflag_copied need not read again
+            self.active_runs = runs = ActiveRuns(l1_size)
         for i, e in itertools.compress(enumerate(l1), l1):     # the nonzero entries
             if e & fmt.L1E_RESERVED_MASK:
                 self._msg(f"ERROR found L1 entry with reserved bits set: {e:x}")
@@ -242,7 +240,9 @@ class Checker:
                 self._msg(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; "
                           "L1 entry corrupted")
                 self.res.corruptions += 1
-            self._check_l2(l2_offset, frag, fix)
+            run = self._check_l2(l2_offset, frag, fix)
+            if frag and run:
+                runs.first[i], runs.length[i] = run
 
     def _check_bitmaps(self) -> None:
         """qemu: qcow2_check_bitmaps_refcounts() (the directory was read at open)."""
@@ -286,6 +286,7 @@ class Checker:
         h = self.h
         cs = self.cs
         self.start_counting()
+        self.active_runs = ActiveRuns(0)
         self._inc(0, cs)
         self._check_l1(h.l1_table_offset, h.l1_size, True, fix)
         for sn in self.snapshots:
@@ -308,18 +309,18 @@ class Checker:
 
     def start_counting(self) -> None:
         """Every computed refcount 0."""
-        self.ref = array("Q", [0]) * ((self.file_len + self.cs - 1) >> self.cb)
+        self.ref = None                     # (the old counts go first: one set in memory at a time)
+        self.ref = ComputedRefcounts((self.file_len + self.cs - 1) >> self.cb)
         self._may_exceed_refmax = False     # set where a reference is counted without the limit
 
     def end_counting(self) -> None:
         """qemu refuses each increment past the maximum: report those the loops made."""
-        ref = self.ref
-        if self._may_exceed_refmax and ref and max(ref) > self.refmax:
-            for k, v in enumerate(ref):
-                if v > self.refmax:
-                    for _ in range(v - self.refmax):
-                        self._overflow(k)
-                    ref[k] = self.refmax
+        if not self._may_exceed_refmax:
+            return
+        for k in self.ref.above(self.refmax):
+            for _ in range(self.ref[k] - self.refmax):
+                self._overflow(k)
+            self.ref[k] = self.refmax
 
     # -------------------------------------------------------- comparing
     def compare(self, fix: int) -> tuple[bool, int]:
@@ -330,52 +331,62 @@ class Checker:
         B = self.block_entries
         rebuild = False
         highest = 0
+        refbits = self.refbits
         for ti in range((n + B - 1) >> self.block_bits):
             first = ti << self.block_bits
             end = min(n, first + B)
-            want = ref[first:end]
-            blk = self.stored.block(ti)
-            if blk is None:
+            raw = self.stored.raw(ti)
+            if raw is None:
                 for i in range(first, end):
                     self._msg(f"Can't get refcount for cluster {i}: Input/output error")
                     res.check_errors += 1
                     if ref[i]:
                         highest = i
                 continue
-            have = blk[:end - first]
-            if have == want:
-                used = len(want.tobytes().rstrip(b"\0"))
-                if used:
-                    highest = first + (used - 1) // 8
-                continue
-            for j in range(end - first):
-                r1, r2 = have[j], want[j]
-                if r1 or r2:
-                    highest = first + j
-                if r1 == r2:
+            # one byte per entry on both sides if they fit (a computed 255 is in ref.big)
+            narrow = narrow_refblock(raw, refbits)
+            want = ref.low[first:end].tobytes()
+            if narrow is not None and b"\xff" not in want:
+                have = narrow[:end - first]
+            else:
+                have, want = decode_refblock(raw, refbits)[:end - first], ref.values(first, end)
+            # the block as one slice, or slices of CHUNK entries: the entries that differ are few
+            step = B if have == want else CHUNK
+            for a in range(0, end - first, step):
+                b = min(end - first, a + step)
+                if have[a:b] == want[a:b]:
+                    used_end = ref.used_end(first + a, first + b)
+                    if used_end > first + a:
+                        highest = used_end - 1
                     continue
-                i = first + j
-                fixed = None
-                if r1 == 0:
-                    rebuild = True
-                elif r1 > r2 and fix & FIX_LEAKS:
-                    fixed = "leaks_fixed"
-                elif r1 < r2 and fix & FIX_ERRORS:
-                    fixed = "corruptions_fixed"
-                word = "Repairing" if fixed else "ERROR" if r1 < r2 else "Leaked"
-                self._msg(f"{word} cluster {i} refcount={r1} reference={r2}")
-                if fixed:
-                    try:
-                        self.stored.set(i, r2)
-                    except OSError:
-                        pass
-                    else:
-                        setattr(res, fixed, getattr(res, fixed) + 1)
+                for j in range(a, b):
+                    r1, r2 = have[j], want[j]
+                    if r1 or r2:
+                        highest = first + j
+                    if r1 == r2:
                         continue
-                if r1 < r2:
-                    res.corruptions += 1
-                else:
-                    res.leaks += 1
+                    i = first + j
+                    fixed = None
+                    if r1 == 0:
+                        rebuild = True
+                    elif r1 > r2 and fix & FIX_LEAKS:
+                        fixed = "leaks_fixed"
+                    elif r1 < r2 and fix & FIX_ERRORS:
+                        fixed = "corruptions_fixed"
+                    word = "Repairing" if fixed else "ERROR" if r1 < r2 else "Leaked"
+                    self._msg(f"{word} cluster {i} refcount={r1} reference={r2}")
+                    if fixed:
+                        try:
+                            self.stored.set(i, r2)
+                        except OSError:
+                            pass
+                        else:
+                            setattr(res, fixed, getattr(res, fixed) + 1)
+                            continue
+                    if r1 < r2:
+                        res.corruptions += 1
+                    else:
+                        res.leaks += 1
         return rebuild, highest
 
     # --------------------------------------------------------- COPIED
@@ -421,7 +432,8 @@ class Checker:
             if res.leaks or res.corruptions:
                 res.set_counts(saved)
                 _, highest = self.compare(fix)
-        check_oflag_copied(self.fd, self.h, self._pread, self.stored, self.runs, self.res, fix)
+        check_oflag_copied(self.fd, self.h, self._pread, self.stored, self.runs, self.active_runs,
+                           self.res, fix)
         res.image_end_offset = (highest + 1) * cs
         if fix and not res.check_errors and not res.corruptions and self.h.version >= 3:
             bits = self.h.incompatible_features & ~(fmt.INCOMPAT_DIRTY | fmt.INCOMPAT_CORRUPT)

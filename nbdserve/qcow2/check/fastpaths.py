@@ -31,13 +31,39 @@ def decode_refblock(raw: bytes, bits: int) -> array:
     return array("Q", out)
 
 
+def narrow_refblock(raw: bytes, bits: int) -> bytes | None:
+    """A refcount block's entries one byte each (the form of computed.py's counts), or None if
+    an entry is 255 or more.
+
+    Entries of 8 bits and more: the low byte of each big-endian entry, the others all zero
+    (strided slices, no loop over the entries)."""
+    if bits < 8:
+        from ..refcount import _decode
+        return _decode(raw, bits).tobytes()
+    width = bits >> 3
+    low = raw[width - 1::width]
+    if b"\xff" in low:
+        return None
+    for j in range(width - 1):
+        if raw[j::width].count(0) != len(low):
+            return None
+    return low
+
+
+def widen(narrow: bytes, width: int, byteorder: str) -> bytearray:
+    """Each byte of ``narrow`` as an integer of ``width`` bytes (the inverse of
+    narrow_refblock for ``byteorder`` "big"), by one strided slice."""
+    out = bytearray(len(narrow) * width)
+    out[width - 1 if byteorder == "big" else 0::width] = narrow
+    return out
+
+
 class ContiguousRuns:
     """Finds L2 tables of ``entries`` entries that map one run of contiguous clusters."""
 
     def __init__(self, cluster_size: int, entries: int):
         self.cs = cluster_size
-        # the big-endian integers whose 64-bit digits are 1 and i*cs, for a whole table
-        self._ones = int.from_bytes(encode_table(array("Q", [1]) * entries), "big")
+        # the big-endian integer whose 64-bit digits are i*cs, for a whole table
         self._steps = int.from_bytes(encode_table(array("Q", range(0, entries * cluster_size,
                                                                    cluster_size))), "big")
 
@@ -54,11 +80,11 @@ class ContiguousRuns:
             return 0, -1
         if off + (m - 1) * self.cs >= file_len:
             return 0, -1
-        # raw[:8m] == [first + i*cs for i in range(m)], compared as one big-endian integer
+        # raw[:8m] == [first + i*cs for i in range(m)]: as one big-endian integer whose 64-bit
+        # digits are the entries, less the digits i*cs, it must have the digits first (no
+        # borrow: digit 0 is first >= cs while the steps' is 0)
         n = len(raw) // 8
-        ones, steps = self._ones, self._steps
-        if m < n:                           # keep the digits of entries 0..m-1
-            ones, steps = ones >> 64 * (n - m), steps >> 64 * (n - m)
-        if int.from_bytes(raw[:8 * m], "big") != first * ones + steps:
+        steps = self._steps if m == n else self._steps >> 64 * (n - m)
+        if (int.from_bytes(raw[:8 * m], "big") - steps).to_bytes(8 * m, "big") != raw[:8] * m:
             return 0, -1
         return first, m
