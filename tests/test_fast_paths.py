@@ -6,6 +6,7 @@ integer tests per request); each twin here says the same thing the slow, obvious
 
 from __future__ import annotations
 
+import os
 import struct
 
 from hypothesis import given, settings, strategies as st
@@ -14,7 +15,12 @@ from nbdserve.nbd.constants import Command, TransmissionFlag as TF
 from nbdserve.nbd.exports import ExportInfo
 from nbdserve.nbd.requests import RequestChecker, check_request
 from nbdserve.qcow2 import format as fmt
-from nbdserve.qcow2.check import _Checker, _decode_refblock
+from nbdserve.qcow2.check.checker import Checker
+from nbdserve.qcow2.check.copied import copied_fast
+from nbdserve.qcow2.check.computed import ComputedRefcounts
+from nbdserve.qcow2.check.fastpaths import ContiguousRuns, decode_refblock, narrow_refblock, widen
+from nbdserve.qcow2.check.result import CheckResult
+from nbdserve.qcow2.header import read_header
 from qemu_tools import create
 
 # ------------------------------------------------------------------ refcount blocks
@@ -34,13 +40,63 @@ def decode_refblock_plain(raw: bytes, bits: int) -> list[int]:
 @given(bits=st.sampled_from([1, 2, 4, 8, 16, 32, 64]), raw=st.binary(min_size=0, max_size=512))
 def test_decode_refblock(bits, raw):
     raw = raw[:len(raw) - len(raw) % max(1, bits // 8)]
-    assert list(_decode_refblock(raw, bits)) == decode_refblock_plain(raw, bits)
+    assert list(decode_refblock(raw, bits)) == decode_refblock_plain(raw, bits)
+
+
+def refcount_values(bits: int):
+    """Refcounts near the edges of one byte and of the entry width."""
+    top = (1 << bits) - 1
+    return st.lists(st.sampled_from(sorted({min(top, v) for v in (0, 1, 2, 254, 255, 256, top)})),
+                    max_size=64).map(lambda v: v[:len(v) - len(v) % max(1, 8 // bits)])
+
+
+@settings(max_examples=300)
+@given(data=st.data(), bits=st.sampled_from([1, 2, 4, 8, 16, 32, 64]))
+def test_narrow_refblock(data, bits):
+    values = data.draw(refcount_values(bits))
+    raw = encode_refblock_plain(values, bits)
+    plain = decode_refblock_plain(raw, bits)
+    narrow = narrow_refblock(raw, bits)
+    assert narrow == (bytes(plain) if all(v < 255 for v in plain) else None)
+    if narrow is not None and bits >= 8:
+        assert widen(narrow, bits // 8, "big") == raw          # rebuild.py writes blocks so
+
+
+# ------------------------------------------------- computed refcounts (check)
+
+@settings(max_examples=300)
+@given(ops=st.lists(st.tuples(st.sampled_from(["run", "one", "limited", "set"]), st.integers(0, 40),
+                              st.integers(0, 12), st.sampled_from([1, 3, 254, 255, 256, 1000]))),
+       limit=st.sampled_from([1, 3, 15, 255, 65535]))
+def test_computed_refcounts(ops, limit):
+    """ComputedRefcounts (one byte per cluster, a side table) against a list of ints."""
+    n = 52
+    counts, plain = ComputedRefcounts(n), [0] * n
+    for op, k, m, value in ops:
+        if op == "run":
+            counts.add_run(k, m)
+            plain[k:k + m] = [v + 1 for v in plain[k:k + m]]
+        elif op == "one":
+            counts.add_one(k)
+            plain[k] += 1
+        elif op == "limited":
+            refused = [i for i in range(k, k + m) if plain[i] >= value]
+            assert counts.add_limited(k, k + m, value) == refused
+            plain[k:k + m] = [v if v >= value else v + 1 for v in plain[k:k + m]]
+        else:
+            counts[k] = value
+            plain[k] = value
+    assert list(counts.values(0, n)) == plain
+    assert [counts[k] for k in range(n)] == plain
+    assert counts.above(limit) == [k for k, v in enumerate(plain) if v > limit]
+    for first, end in ((0, n), (5, 30), (40, 52)):
+        assert counts.used_end(first, end) == max((k + 1 for k in range(first, end) if plain[k]), default=first)
 
 
 # ---------------------------------------------------- sequential L2 tables (check)
 
 def contiguous_run_plain(raw: bytes, cs: int, file_len: int) -> tuple[int, int]:
-    """_Checker._contiguous_run's contract, entry by entry."""
+    """ContiguousRuns.find's contract, entry by entry."""
     entries = [e for (e,) in struct.iter_unpack(">Q", raw)]
     m = max((i + 1 for i, e in enumerate(entries) if e), default=0)
     if m == 0:
@@ -52,16 +108,6 @@ def contiguous_run_plain(raw: bytes, cs: int, file_len: int) -> tuple[int, int]:
     if any(entries[i] != first + i * cs for i in range(m)):
         return 0, -1
     return first, m
-
-
-_checkers: dict[int, _Checker] = {}
-
-
-def checker(tmp_path_factory, cs: int) -> _Checker:
-    if cs not in _checkers:
-        path = create(tmp_path_factory.mktemp("fast") / f"c{cs}.qcow2", "64M", cluster_size=cs)
-        _checkers[cs] = _Checker(path, writable=False)
-    return _checkers[cs]
 
 
 def l2_tables(cs: int):
@@ -81,21 +127,123 @@ def l2_tables(cs: int):
     return table()
 
 
+def runs(cs: int):
+    """Tables that are one contiguous run, with COPIED or without."""
+    n = cs // 8
+    return st.builds(lambda m, first, flags: struct.pack(f">{n}Q", *[flags | (first + i * cs) for i in range(m)],
+                                                         *[0] * (n - m)),
+                     st.integers(1, n), st.sampled_from([cs, 2 * cs]), st.sampled_from([0, fmt.QCOW_OFLAG_COPIED]))
+
+
 @settings(max_examples=300, deadline=None)
 @given(data=st.data(), cs=st.sampled_from([512, 4096]))
-def test_contiguous_run(tmp_path_factory, data, cs):
-    c = checker(tmp_path_factory, cs)
+def test_contiguous_run(data, cs):
     raw = data.draw(l2_tables(cs))
-    real = c.file_len
     entries = [e for (e,) in struct.iter_unpack(">Q", raw)]
     m = max((i + 1 for i, e in enumerate(entries) if e), default=1)
     last = (entries[0] & fmt.L2E_OFFSET_MASK) + (m - 1) * cs      # the run's last cluster
     # the file ending before, at and after the run's last cluster, or far past it
-    c.file_len = data.draw(st.sampled_from([real, 1 << 40, last, last + 1, last + cs]))
+    file_len = data.draw(st.sampled_from([1 << 16, 1 << 40, last, last + 1, last + cs]))
+    assert ContiguousRuns(cs, cs // 8).find(raw, file_len) == contiguous_run_plain(raw, cs, file_len)
+
+
+FILE_LEN = 4 << 20          # the images below are grown to this, so that every drawn run fits
+_templates: dict[tuple[int, int], bytes] = {}
+
+
+def image(tmp_path_factory, cs: int, refbits: int, block0: list[int] | None = None) -> str:
+    """A fresh image made by qemu-img, grown to FILE_LEN; ``block0``: the stored refcounts
+    written over its first refcount block."""
+    key = cs, refbits
+    if key not in _templates:
+        path = create(tmp_path_factory.mktemp("fast") / "t.qcow2", "64M", cluster_size=cs,
+                      refcount_bits=refbits)
+        with open(path, "rb") as f:
+            _templates[key] = f.read()
+    path = tmp_path_factory.mktemp("fast") / "i.qcow2"
+    path.write_bytes(_templates[key])
+    os.truncate(path, FILE_LEN)
+    if block0 is not None:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            h = read_header(fd)
+            (block_offset,) = struct.unpack(">Q", os.pread(fd, 8, h.refcount_table_offset))
+            os.pwrite(fd, encode_refblock_plain(block0, refbits), block_offset)
+        finally:
+            os.close(fd)
+    return str(path)
+
+
+def encode_refblock_plain(values: list[int], bits: int) -> bytes:
+    """The inverse of decode_refblock_plain."""
+    if bits >= 8:
+        return b"".join(v.to_bytes(bits // 8, "big") for v in values)
+    per = 8 // bits
+    return bytes(sum(values[i + j] << (j * bits) for j in range(per)) for i in range(0, len(values), per))
+
+
+def l2_check_state(c: Checker) -> tuple:
+    """What counting one L2 table leaves behind: every computed refcount and the result."""
+    c.end_counting()
+    return list(c.ref.values(0, len(c.ref))), c.res.counts(), c.res.messages
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), cs=st.sampled_from([512, 4096]), refbits=st.sampled_from([1, 16]),
+       frag=st.booleans())
+def test_count_run(tmp_path_factory, data, cs, refbits, frag):
+    """_count_run, given a table ContiguousRuns.find takes, counts what the entry-by-entry
+    loop counts."""
+    raw = data.draw(l2_tables(cs))
+    before = data.draw(st.lists(st.integers(0, cs // 8 + 4), max_size=4))   # clusters counted already
+    states = []
+    for fast in (True, False):
+        c = Checker(image(tmp_path_factory, cs, refbits), writable=False)
+        try:
+            c.res = CheckResult(c.path)
+            c.start_counting()
+            for k in before:
+                c._inc(k * cs, cs)
+            if fast:
+                run = c.runs.find(raw, FILE_LEN)
+                if run[1] < 0:
+                    return
+                c._count_run(run, frag)
+            else:
+                c._check_l2_entries(raw, 1 << 30, frag, 0)
+            states.append(l2_check_state(c))
+        finally:
+            c.close()
+    assert states[0] == states[1]
+
+
+def copied_fast_plain(raw: bytes, cs: int, block0: list[int]) -> bool:
+    """copied_fast's contract: a table of zeros, or a contiguous run whose clusters all have
+    the stored refcount 1 if COPIED is set, none if not (block0 holds the first refcount
+    block; no other exists: there the refcounts are 0)."""
+    first, m = contiguous_run_plain(raw, cs, FILE_LEN)
+    if m <= 0:
+        return m == 0
+    k = (first & fmt.L2E_OFFSET_MASK) // cs
+    stored = [block0[k + i] if k + i < len(block0) else 0 for i in range(m)]
+    if first & fmt.QCOW_OFLAG_COPIED:
+        return all(rc == 1 for rc in stored)
+    return all(rc != 1 for rc in stored)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), cs_bits=st.sampled_from([(512, 16), (512, 64), (4096, 16)]))
+def test_copied_fast(tmp_path_factory, data, cs_bits):
+    cs, refbits = cs_bits
+    block0 = [data.draw(st.sampled_from([1, 2]))] * (cs * 8 // refbits)
+    for _ in range(data.draw(st.integers(0, 2))):
+        block0[data.draw(st.integers(0, min(len(block0), cs // 8 + 4) - 1))] = data.draw(st.sampled_from([0, 1, 2]))
+    raw = data.draw(st.one_of(l2_tables(cs), runs(cs)))
+    c = Checker(image(tmp_path_factory, cs, refbits, block0), writable=False)
     try:
-        assert c._contiguous_run(raw) == contiguous_run_plain(raw, cs, c.file_len)
+        assert copied_fast(c.runs.find(raw, FILE_LEN), c.stored) == copied_fast_plain(raw, cs, block0)
     finally:
-        c.file_len = real
+        c.close()
 
 
 # ------------------------------------------------------------- NBD request checks
@@ -111,11 +259,12 @@ EXPORTS = [ExportInfo("a", 1 << 20, TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_FUA |
        command=st.sampled_from([int(c) for c in Command] + [9, 77]),
        cmd_flags=st.integers(0, 0xFFFF),
        offset=st.one_of(st.integers(0, 4 << 20), st.sampled_from([0, 512, 4096, 65536 - 512])),
-       length=st.one_of(st.integers(0, 2 << 20), st.sampled_from([0, 512, 4096, 32768, 1 << 20])))
-def test_request_checker(export, contexts, command, cmd_flags, offset, length):
-    fast = RequestChecker(export, int(export.flags), contexts)
+       length=st.one_of(st.integers(0, 2 << 20), st.sampled_from([0, 512, 4096, 32768, 1 << 20])),
+       extended=st.booleans())
+def test_request_checker(export, contexts, command, cmd_flags, offset, length, extended):
+    fast = RequestChecker(export, int(export.flags), contexts, extended)
     assert fast(command, cmd_flags, offset, length) == check_request(
-        export, int(export.flags), contexts, command, cmd_flags, offset, length)
+        export, int(export.flags), contexts, command, cmd_flags, offset, length, extended)
 
 
 # --------------------------------------------------- qcow2 writes answered at once

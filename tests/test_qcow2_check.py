@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -392,3 +393,20 @@ def test_refcount_overflow_through_shared_l2_table_like_qemu(tmp_path):
     assert (ours.exit_code, ours.to_json()) == (rc, theirs)
     overflows = [m for m in ours.messages if m.startswith("ERROR: overflow cluster offset=")]
     assert len(overflows) == theirs["corruptions"] == 1 + 16     # the L2 table and its 16 clusters
+
+
+# ------------------------------------------------- the command's output, byte for byte
+
+CHECK_CLI = [sys.executable, "-m", "nbdserve", "check"]
+
+
+@pytest.mark.parametrize("maker", CLEAN + [m for m, _ in DAMAGED.values()],
+                         ids=lambda f: f.__name__.lstrip("_"))
+def test_command_output_is_qemus(tmp_path, maker):
+    """``nbdserve check`` prints what ``qemu-img check`` prints, human and JSON (whose keys
+    qemu-img prints in its QDict's order), with the same exit status."""
+    path = maker(tmp_path)
+    for output in ("human", "json"):
+        theirs = run("qemu-img", "check", f"--output={output}", path)
+        ours = subprocess.run([*CHECK_CLI, f"--output={output}", path], capture_output=True, text=True)
+        assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout), output

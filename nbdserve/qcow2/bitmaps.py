@@ -1,6 +1,6 @@
 """Persistent dirty bitmaps (qcow2.txt: "Bitmaps"; qemu: block/qcow2-bitmap.c).
 
-The one parser of the bitmap directory (``read_directory``, used by check.py and
+The one parser of the bitmap directory (``read_directory``, used by check/ and
 inspect.py too) and ``PersistentBitmaps``, which follows qemu's life cycle of a
 qcow2 image's bitmaps:
 
@@ -142,6 +142,24 @@ def check_table_entry(entry: int, cluster_size: int) -> bool:
         return False
     off = entry & fmt.BME_TABLE_ENTRY_OFFSET_MASK
     return not off or not (entry & fmt.BME_TABLE_ENTRY_FLAG_ALL_ONES or off % cluster_size)
+
+
+def referenced_regions(h, directory: list[BitmapDirEntry], read) -> tuple[list[tuple[int, int]], int]:
+    """qemu: qcow2_check_bitmaps_refcounts(): the (offset, size) of what the bitmaps hold (the
+    directory; each bitmap table and the clusters its entries name) and the number of table
+    entries check_table_entry() refuses (corruptions).  ``read(n, offset)`` reads a table."""
+    if not directory:
+        return [], 0
+    _, size, offset = bitmaps_extension(h)
+    regions, bad = [(offset, size)], 0
+    for e in directory:
+        regions.append((e.table_offset, e.table_size * 8))
+        for entry in decode_table(read(e.table_size * 8, e.table_offset)):
+            if not check_table_entry(entry, h.cluster_size):
+                bad += 1
+            elif entry & fmt.BME_TABLE_ENTRY_OFFSET_MASK:
+                regions.append((entry & fmt.BME_TABLE_ENTRY_OFFSET_MASK, h.cluster_size))
+    return regions, bad
 
 
 def read_table(fd: int, e: BitmapDirEntry) -> array:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import struct
 
-from construct import (BitsInteger, BitStruct, Bytes, Const, Flag, Int8ub, Int16ub,
-                       Int32ub, Int64ub, Padding, PaddedString, Struct, this)
+from construct import (BitsInteger, BitStruct, Const, Flag, Int8ub, Int16ub,
+                       Int32ub, Int64ub, Padding, PaddedString, Struct)
 
 from ..blockdev.probe import QCOW2_MAGIC
 
@@ -105,7 +105,8 @@ BME_FLAG_AUTO = 1 << 1
 BME_RESERVED_FLAGS = 0xFFFFFFFC
 BT_DIRTY_TRACKING_BITMAP = 1
 
-# qcow2.txt: "Snapshots"
+# qcow2.txt: "Snapshots": a snapshot table entry's fixed part (extra data, the id and the
+# name follow; the entry is padded to 8 bytes)
 SnapshotEntry = Struct(
     "l1_table_offset" / Int64ub,
     "l1_size" / Int32ub,
@@ -116,9 +117,6 @@ SnapshotEntry = Struct(
     "vm_clock_nsec" / Int64ub,
     "vm_state_size" / Int32ub,
     "extra_data_size" / Int32ub,
-    "extra_data" / Bytes(this.extra_data_size),
-    "id_str" / Bytes(this.id_str_size),
-    "name" / Bytes(this.name_size),
 )
 
 # qcow2.txt: "Host cluster management" / "Cluster mapping".  Bit 63 first.
@@ -203,6 +201,8 @@ HEADER_V3_STRUCT = struct.Struct(">QQQII")
 assert HEADER_V2_STRUCT.size == HeaderV2.sizeof() and HEADER_V3_STRUCT.size == HeaderV3Extra.sizeof()
 BITMAP_DIR_ENTRY_STRUCT = struct.Struct(">QIIBBHI")
 assert BITMAP_DIR_ENTRY_STRUCT.size == BitmapDirEntry.sizeof()
+SNAPSHOT_ENTRY_STRUCT = struct.Struct(">QIHHIIQII")
+assert SNAPSHOT_ENTRY_STRUCT.size == SnapshotEntry.sizeof()
 BITMAPS_EXT_STRUCT = struct.Struct(">I4xQQ")
 assert BITMAPS_EXT_STRUCT.size == BitmapsExtension.sizeof()
 U64 = struct.Struct(">Q")

@@ -19,11 +19,11 @@ from ..blockdev.fileio import host_runs
 from ..blockdev.probe import probe_format
 from . import format as fmt
 from .bitmaps import info_flags, read_directory
-from .check import read_snapshot_table
 from .header import read_header
 from .holes import metadata_preallocation
 from .image import MAX_CHAIN_DEPTH, Qcow2Image
 from .mapping import COMPRESSED, DATA, UNALLOCATED, ZERO
+from .snapshot import read_snapshot_table
 
 _COMPRESSION_NAMES = {fmt.COMPRESSION_DEFLATE: "zlib", fmt.COMPRESSION_ZSTD: "zstd"}
 
