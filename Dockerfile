@@ -20,7 +20,7 @@ RUN apt-get update \
  && INITRD=No apt-get install -y --no-install-recommends \
       python3 python3-venv ca-certificates \
       qemu-utils libnbd-bin \
-      qemu-system-x86 linux-image-amd64 busybox-static nbd-client dpkg-dev e2fsprogs kmod debootstrap \
+      qemu-system-x86 linux-image-amd64 busybox-static nbd-client iproute2 dpkg-dev e2fsprogs kmod debootstrap \
  && rm -rf /var/lib/apt/lists/*
 
 # PIP_CERT: a CA bundle for pip (a path the build mounts) when PyPI is reached through a

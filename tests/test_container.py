@@ -63,7 +63,7 @@ def test_default_command_reproduces_every_scenario(podman):
     """``podman run nbdserve``'s command (``reproduce all``): every qemu-io scenario, then the
     guest through both client paths, each with both allocators of the A/B.  The guest here
     runs the synthetic workload, for CI's time: the Debian guest (the default workload, 2 to
-    7 minutes a boot) is booted on the host by tests/test_guest.py."""
+    3 minutes a boot) is booted on the host by tests/test_guest.py."""
     config = json.loads(run(podman, "image", "inspect", IMAGE).stdout)[0]["Config"]
     assert config["Entrypoint"] == ["nbdserve"] and config["Cmd"] == ["reproduce", "all"]
     # two boots per allocator and path: the reproduction is a race with the guest's writeback

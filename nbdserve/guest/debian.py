@@ -254,7 +254,9 @@ awk '/^Package:/ {p = $2} /^Version:/ {v = $2; gsub(":", "%3a", v)} /^Architectu
 # pieces while they are being written
 echo 65536 > /proc/sys/vm/dirty_background_bytes
 echo 262144 > /proc/sys/vm/dirty_bytes
-phase() { echo "@@PHASE $* $(cut -d' ' -f1 /proc/uptime)"; }
+# the disk's I/O counters at each phase (/sys/block/DEV/stat: reads, merges, sectors, ms, writes, ...)
+DISK=$(basename $(readlink -f /sys/class/block/$(basename $(findmnt -n -o SOURCE /))/..))
+phase() { echo "@@PHASE $* $(cut -d' ' -f1 /proc/uptime)"; echo "@@IO $(cat /sys/block/$DISK/stat)"; }
 dropcaches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 dpkg_() {  # dpkg with its words on the console
   dpkg "$@" 2>&1 | sed -u 's/^/@@DPKG /'
@@ -271,13 +273,16 @@ generation() {  # $1 = number; $2 = archives to install; $3 = packages to purge 
   if [ -n "$3" ]; then
     phase remove $g
     dpkg_ --purge $3
+    phase fstrim $g
     sync
     fstrim / || echo "@@ERROR fstrim"
     sync
   fi
   phase download $g
   download $2
+  phase dropcaches $g
   dropcaches
+  phase sha256 $g
   archives $2
   phase install $g
   dpkg_ -i $(for f in $2; do echo $A/$f; done)

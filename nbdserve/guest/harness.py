@@ -120,7 +120,7 @@ def missing_requirements(workload: str = "synthetic") -> str | None:
         return "no /boot/vmlinuz-* with its modules (install linux-image-amd64: scripts/guest-deps)"
     if shutil.which("qemu-system-x86_64") is None:
         return "qemu-system-x86_64 not found (install qemu-system-x86: scripts/guest-deps)"
-    for tool in ("busybox", "nbd-client", "dpkg-deb", "mkfs.ext4", "qemu-img"):
+    for tool in ("busybox", "nbd-client", "ip", "dpkg-deb", "mkfs.ext4", "qemu-img"):
         if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
             return f"{tool} not found (scripts/guest-deps installs it)"
     if workload == "debian" and not debian.base_cached():
@@ -143,8 +143,11 @@ def qemu_argv(vmlinuz: str, initrd: str, client: str, port: int, console: str,
                  "-drive", f"file=nbd://127.0.0.1:{port}/{EXPORT},format=raw,if=virtio,cache=none,"
                            f"discard=unmap"]
     elif client == "nbd-client":
+        # the chardev's socket with TCP_NODELAY (",," escapes the comma inside -netdev): qemu
+        # writes each guest segment to it alone, and Nagle would hold all but the first of a
+        # request's segments until the server's delayed ACK, 40 ms later
         argv += ["-netdev", f"user,id=n0,restrict=on,guestfwd=tcp:{GUEST_NBD_ADDR}:{GUEST_NBD_PORT}"
-                            f"-tcp:127.0.0.1:{port}",
+                            f"-tcp:127.0.0.1:{port},,nodelay=on",
                  "-device", "virtio-net-pci,netdev=n0"]
     else:
         raise ValueError(f"client must be one of {', '.join(CLIENTS)}, not {client!r}")
