@@ -17,6 +17,8 @@ from common import (CHAIN_DEPTH, CHECK_BIG_RSS_MIB, CHECK_BIG_TARGET_RATIO, CLUS
                     log, make_allocated, make_chain, make_fresh, make_pattern_file, run)
 from servers import NbdKit, NbdServe, QemuNbd, Server
 
+TIME = "/usr/bin/time"   # GNU time (Debian: time): a command's own peak RSS
+
 def fio(uri: str, rw: str, bs: str, iodepth: int, runtime: int, workdir: Path,
         numjobs: int = 1, time_based: bool = True) -> dict:
     out = workdir / "fio.json"
@@ -242,17 +244,19 @@ def open_big(tmp: Path) -> dict:
 
 
 def checked(cmd: list[str]) -> dict:
-    """Run a check command: wall seconds, rc, and the peak RSS of just that child (ru_maxrss
-    of os.wait4's rusage)."""
-    with tempfile.TemporaryFile("w+") as out:
+    """Run a check command: wall seconds, rc, and the peak RSS of just that command, as GNU
+    time(1) reports it (%M).  Not os.wait4's ru_maxrss of our own child: Linux carries a
+    forked child's high-water mark through exec, so that figure is at least this Python
+    process's RSS at the fork."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.NamedTemporaryFile("r") as rss:
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        _, status, usage = os.wait4(p.pid, 0)
+        p = subprocess.run([TIME, "-q", "-o", rss.name, "-f", "%M", *cmd], stdout=out,
+                           stderr=subprocess.STDOUT, cwd=REPO)
         seconds = time.perf_counter() - t0
-        p.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         tail = out.read().strip()[-300:]
-    return {"seconds": seconds, "rc": p.returncode, "peak_rss_mib": usage.ru_maxrss / 1024,
+        peak_kib = int(rss.read().split()[-1])
+    return {"seconds": seconds, "rc": p.returncode, "peak_rss_mib": peak_kib / 1024,
             "output_tail": tail}
 
 

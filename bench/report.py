@@ -98,7 +98,7 @@ def report(res: dict) -> str:
     ck = res["check_1tib"]
     if not skipped(L, "check (1 TiB, metadata preallocated)", ck):
         L.append("check (1 TiB, metadata preallocated: 16 Mi L2 entries), best time / highest peak RSS "
-                 "(wait4 ru_maxrss):")
+                 "(time -f %M):")
         L.append(f"  {check_figures(ck)}")
         L.append(f"  time: {ck['ratio']:.2f}x qemu-img's, target <= {ck['target_ratio']:.1f}x: {mark(ck['time_met'])}; "
                  f"nbdserve peak RSS {ck['nbdserve']['peak_rss_mib']:.1f} MiB, target <= {ck['target_rss_mib']} MiB: "
