@@ -487,3 +487,27 @@ def test_write_zeroes_no_hole_keeps_the_allocation(nbdserve, tmp_path, extended_
     assert any(e["zero"] and "offset" in e for e in qemu_map(ours))
     qemu_io(ours, "read -P 0x5a 0 64k", "read -P 0 64k 512k", "read -P 0x5a 576k 448k")
     check(ours)
+
+
+def test_small_writes_allocate_fresh_clusters_whole_as_qemu_does(nbdserve, tmp_path):
+    """qemu 7: handle_alloc_space(): a write into a fresh cluster whose copy-on-write regions
+    read as zeros zeroes the new cluster whole with fallocate(2) (ZERO_RANGE: unwritten blocks
+    on ext4), so the small writes that land in it later find its blocks allocated.  The same
+    writes through nbdserve (qemu-io over NBD) and by qemu-io on a twin image leave files of
+    the same size holding the same number of blocks; a whole-cluster write allocates no more."""
+    cmds = ["write -P 0x5a 4k 4k", "write -P 0x5b 200k 8k", "write -P 0x5c 1M 64k", "write -P 0x5d 2047k 1k"]
+    ours = create(tmp_path / "ours.qcow2", "4M")
+    theirs = create(tmp_path / "theirs.qcow2", "4M")
+    before = os.stat(ours).st_blocks
+    qemu_io(theirs, *cmds)
+    srv = nbdserve("serve", ours, "-f", "qcow2", "-x", "d")
+    qemu_io(srv.uri, *cmds, fmt="raw")
+    assert srv.stop() == 0
+    a, b = os.stat(ours), os.stat(theirs)
+    assert (a.st_size, a.st_blocks) == (b.st_size, b.st_blocks)
+    # four data clusters (three of them with COW around the write) and one L2 table, 64 KiB each,
+    # at least: the fresh clusters are not left with holes around what was written
+    assert (a.st_blocks - before) * 512 >= 5 * 64 * K
+    qemu_io(ours, "read -P 0x5a 4k 4k", "read -P 0 8k 192k", "read -P 0x5b 200k 8k", "read -P 0x5c 1M 64k",
+            "read -P 0x5d 2047k 1k", "read -P 0 0 4k")
+    check(ours)

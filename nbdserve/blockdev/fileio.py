@@ -1,15 +1,24 @@
-"""Writing the image file: every byte, or an error; where its holes are; and the one seam
-every write and fsync of the qcow2 engine goes through.
+"""Writing the image file: every byte, or an error; zeroing a range with fallocate(2); where
+its holes are; and the one seam every write, zeroing and fsync of the qcow2 engine goes through.
 
-``observers`` see each completed write and fsync (tests/test_power_cut.py records them to
-build the files a power cut could leave); empty, it costs one test per call.
+``observers`` see each completed write (a zeroed range as a write of zeros) and fsync
+(tests/test_power_cut.py records them to build the files a power cut could leave); empty,
+it costs one test per call.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import os
 from typing import Protocol
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
 class IoObserver(Protocol):
@@ -34,6 +43,44 @@ def pwrite_all(fd: int, data, offset: int) -> None:
         for observer in observers:
             observer.wrote(fd, offset + done, bytes(mv[done:done + n]))
         done += n
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _zeroed(fd: int, offset: int, length: int) -> None:
+    for observer in observers:
+        observer.wrote(fd, offset, bytes(length))
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate a range of a file, keeping its size (fallocate(2) PUNCH_HOLE)."""
+    _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    _zeroed(fd, offset, length)
+
+
+def zero_allocated(fd: int, offset: int, length: int) -> bool:
+    """Make a range read as zeros and stay allocated, without writing them: qemu file-posix
+    handle_aiocb_write_zeroes() (FALLOC_FL_ZERO_RANGE, else PUNCH_HOLE then fallocate(0)).
+    Past the end of the file, the file grows.  False when the file system can do neither."""
+    try:
+        _fallocate(fd, _FALLOC_FL_ZERO_RANGE, offset, length)
+        _zeroed(fd, offset, length)
+        return True
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    try:
+        punch_hole(fd, offset, length)
+        _fallocate(fd, 0, offset, length)
+        return True
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    return False
 
 
 def fsync(fd: int) -> None:

@@ -2,53 +2,14 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 
 import trio
 
 from .base import FILE_SLICE_MIN, BlockDevice, Extent, FileSlice, ReadChunk, check_range
-from .fileio import host_runs, pwrite_all
+from .fileio import host_runs, punch_hole, pwrite_all, zero_allocated
 from .lock import lock_image, lock_mode
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_FALLOC_FL_ZERO_RANGE = 0x10
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    """Deallocate a range of a file, keeping its size (fallocate(2) PUNCH_HOLE)."""
-    _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
-
-
-def zero_allocated(fd: int, offset: int, length: int) -> bool:
-    """Make a range read as zeros and stay allocated, without writing them: qemu file-posix
-    handle_aiocb_write_zeroes() (FALLOC_FL_ZERO_RANGE, else PUNCH_HOLE then fallocate(0)).
-    False when the file system can do neither."""
-    try:
-        _fallocate(fd, _FALLOC_FL_ZERO_RANGE, offset, length)
-        return True
-    except OSError as e:
-        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-    try:
-        punch_hole(fd, offset, length)
-        _fallocate(fd, 0, offset, length)
-        return True
-    except OSError as e:
-        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-    return False
 
 
 def pread_exact(fd: int, offset: int, length: int) -> bytes:

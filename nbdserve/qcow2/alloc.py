@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import trio
 
 from ..blockdev import check_range
-from ..blockdev.fileio import pwrite_all
+from ..blockdev.fileio import pwrite_all, zero_allocated
 from . import format as fmt
 from .mapping import EXTL2_ALL_ALLOCATED
 from .refcount import CorruptRefcounts
@@ -168,6 +168,8 @@ class ClusterAllocation:
             while done < len(mv):
                 host, n, meta = await self._alloc_cluster_offset(offset + done, len(mv) - done)
                 try:
+                    if meta is not None and meta.fresh:
+                        self._allocate_space(meta)
                     if self._keeps_lock(n):
                         self.events.fire_sync("write_aio")
                         pwrite_all(self.fd, mv[done:done + n], host)
@@ -290,6 +292,23 @@ class ClusterAllocation:
                 return 0, old
             end = start + nb_clusters
         return nb_clusters, None
+
+    def _allocate_space(self, m: L2Meta) -> None:
+        """qemu 7: handle_alloc_space(): when an allocation's copy-on-write regions read as
+        zeros (is_zero_cow), its new clusters are zeroed whole with fallocate(2) ZERO_RANGE
+        before the data goes in.  Fresh clusters read as zeros already and their COW zeros
+        are not written (_copy): this allocates the file's blocks in one call, so the small
+        writes landing in the cluster later find them allocated, not holes the file system
+        fills one write at a time (4 KiB random writes on ext4 here: 3 us a write against
+        5-11 us).  Where the file system can do neither, the clusters stay holes."""
+        cs = self.cluster_size
+        start = m.offset & ~(cs - 1)
+        tail = m.nb_available
+        if not m.n_start and not tail & (cs - 1):
+            return   # the write covers the clusters whole: no copy-on-write
+        tail_length = max(0, min(m.nb_clusters * cs, self.size - start) - tail)
+        if self._reads_as_zeros(start, m.n_start) and self._reads_as_zeros(start + tail, tail_length):
+            zero_allocated(self.fd, m.alloc_offset, m.nb_clusters * cs)
 
     async def _link_l2(self, m: L2Meta) -> None:
         """qemu 1.1: qcow2_alloc_cluster_link_l2(): COW head and tail, then point L2 at the new clusters."""
