@@ -11,8 +11,11 @@ import struct
 
 from hypothesis import given, settings, strategies as st
 
-from nbdserve.nbd.constants import Command, TransmissionFlag as TF
+from nbdserve.blockdev import ReadChunk
+from nbdserve.nbd import OffsetData, Request, wire
+from nbdserve.nbd.constants import ChunkType, Command, CommandFlag, TransmissionFlag as TF
 from nbdserve.nbd.exports import ExportInfo
+from nbdserve.nbd.replies import ReplyEncoder
 from nbdserve.nbd.requests import RequestChecker, check_request
 from nbdserve.qcow2 import format as fmt
 from nbdserve.qcow2.check.checker import Checker
@@ -21,6 +24,7 @@ from nbdserve.qcow2.check.computed import ComputedRefcounts
 from nbdserve.qcow2.check.fastpaths import ContiguousRuns, decode_refblock, narrow_refblock, widen
 from nbdserve.qcow2.check.result import CheckResult
 from nbdserve.qcow2.header import read_header
+from nbdserve.server.commands import read_replies, read_replies_plain
 from qemu_tools import create
 
 # ------------------------------------------------------------------ refcount blocks
@@ -265,6 +269,46 @@ def test_request_checker(export, contexts, command, cmd_flags, offset, length, e
     fast = RequestChecker(export, int(export.flags), contexts, extended)
     assert fast(command, cmd_flags, offset, length) == check_request(
         export, int(export.flags), contexts, command, cmd_flags, offset, length, extended)
+
+
+# ------------------------------------------------------------- NBD read replies
+
+@st.composite
+def _read_and_chunks(draw):
+    """A read request and the chunks a device could answer it with: one data chunk over the
+    whole range (the common case), or the range cut into data and hole pieces."""
+    offset = draw(st.integers(0, 1 << 20)) * 512
+    length = draw(st.integers(1, 64)) * 512
+    flags = CommandFlag.DF if draw(st.booleans()) else CommandFlag(0)
+    if draw(st.booleans()):
+        cuts = [offset, offset + length]
+    else:
+        cuts = sorted({offset, offset + length, *(offset + 512 * draw(st.integers(0, length // 512))
+                                                  for _ in range(draw(st.integers(0, 4))))})
+    chunks = [ReadChunk(a, b - a, os.urandom(b - a) if draw(st.booleans()) else None)
+              for a, b in zip(cuts, cuts[1:])]
+    return Request(draw(st.integers(0, (1 << 64) - 1)), Command.READ, flags, offset, length), chunks
+
+
+@settings(max_examples=500)
+@given(case=_read_and_chunks(), structured=st.booleans())
+def test_read_replies(case, structured):
+    request, chunks = case
+    assert read_replies(request, chunks, structured) == read_replies_plain(request, chunks, structured)
+
+
+@settings(max_examples=500)
+@given(cookie=st.integers(0, (1 << 64) - 1), offset=st.integers(0, (1 << 63) - 1),
+       data=st.binary(min_size=1, max_size=600), done=st.booleans())
+def test_offset_data_header(cookie, offset, data, done):
+    """ReplyEncoder packs an OFFSET_DATA chunk's header and offset in one struct: the same
+    bytes as the construct declarations of the chunk header and the offset prefix."""
+    encoder = ReplyEncoder(structured=True)
+    encoder.expect(cookie, Command.READ, len(data), offset)
+    plain = (wire.ChunkHeader.build(dict(flags=int(done), type=ChunkType.OFFSET_DATA, cookie=cookie,
+                                         length=8 + len(data)))
+             + wire.OffsetDataPrefix.build(dict(offset=offset)) + data)
+    assert b"".join(encoder.encode_parts(OffsetData(cookie, offset, data, done))) == plain
 
 
 # --------------------------------------------------- qcow2 writes answered at once

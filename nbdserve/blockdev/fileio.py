@@ -34,10 +34,10 @@ def pwrite_all(fd: int, data, offset: int) -> None:
     """``os.pwrite`` until all of ``data`` is written.  A filesystem that fills up mid-write
     returns a short count; the retry then fails with ENOSPC (qemu's file-posix
     handle_aiocb_rw_linear loops the same way), so no partial write passes for a whole one."""
-    mv = memoryview(data).cast("B")
+    mv = data if type(data) is bytes or type(data) is bytearray else memoryview(data).cast("B")
     done = 0
     while done < len(mv):
-        n = os.pwrite(fd, mv[done:], offset + done)
+        n = os.pwrite(fd, mv[done:] if done else mv, offset + done)   # one call, but on a full disk
         if n == 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         for observer in observers:

@@ -23,6 +23,8 @@ class State(Enum):
     CLOSED = auto()               # session over (cleanly or by policy)
     ERROR = auto()                # the peer broke the protocol
 
+    __hash__ = object.__hash__    # members are singletons; Enum's own hashes the name, in Python
+
 
 class Trigger(Enum):
     FLAGS_OK = auto()
@@ -37,6 +39,8 @@ class Trigger(Enum):
     WRITE_REFUSED = auto()
     CLOSE = auto()                # DISC, ABORT, EOF, unknown EXPORT_NAME
     PROTOCOL_ERROR = auto()
+
+    __hash__ = object.__hash__
 
 
 S, T = State, Trigger

@@ -13,37 +13,57 @@ from .events import BlockStatus, ErrorChunk, NoneChunk, OffsetData, OffsetHole, 
 
 _SIMPLE = wire.SIMPLE_REPLY_HEADER
 _CHUNK = wire.CHUNK_HEADER
+_OFFSET_DATA_HEADER = wire.OFFSET_DATA_HEADER
 _OFFSET = wire.OFFSET_DATA_PREFIX
 _DESCRIPTOR = wire.DESCRIPTOR
 _EXT_HEADER = wire.EXTENDED_REPLY_HEADER
 _EXT_DESCRIPTOR = wire.EXT_DESCRIPTOR
+# enum members used for every reply, as module constants (Python 3.11 reads an enum member
+# off its class through a descriptor, ~50 ns a time)
+_READ, _OFFSET_DATA, _DONE = Command.READ, ChunkType.OFFSET_DATA, ReplyFlag.DONE
 
 
 class ReplyEncoder:
     def __init__(self, structured: bool, extended: bool = False):
         self.structured = structured or extended
         self.extended = extended
-        self._in_flight: dict[int, list[tuple[int, int, int]]] = {}   # cookie -> [(command, length, offset)]
+        self._compact_chunks = structured and not extended   # 20-byte chunk headers
+        self._in_flight: dict[int, tuple[int, int, int]] = {}   # cookie -> (command, length, offset)
+        self._again: dict[int, list[tuple[int, int, int]]] = {}   # a cookie reused while in flight: the later ones
 
     def expect(self, cookie: int, command: int, length: int, offset: int = 0) -> None:
-        self._in_flight.setdefault(cookie, []).append((command, length, offset))
+        if cookie in self._in_flight:
+            self._again.setdefault(cookie, []).append((command, length, offset))
+        else:
+            self._in_flight[cookie] = (command, length, offset)
 
     def _request(self, cookie: int) -> tuple[int, int, int]:
-        pending = self._in_flight.get(cookie)
-        if not pending:
+        request = self._in_flight.get(cookie)
+        if request is None:
             raise LocalProtocolError(f"cookie {cookie:#x} is not in flight")
-        return pending[0]
+        return request
 
     def _finish(self, cookie: int) -> None:
-        pending = self._in_flight[cookie]
-        pending.pop(0)
-        if not pending:
+        again = self._again.get(cookie)
+        if again:
+            self._in_flight[cookie] = again.pop(0)
+            if not again:
+                del self._again[cookie]
+        else:
             del self._in_flight[cookie]
 
     def encode_parts(self, event) -> list:
         """The reply as buffers to send in order (read data is not copied: scatter-gather)."""
         command, length, offset = self._request(event.cookie)
-        if isinstance(event, SimpleReply):
+        kind = type(event)
+        if kind is OffsetData and self._compact_chunks:   # most replies: one header for chunk and offset
+            _check_offset_data(event, command)
+            if event.done:
+                self._finish(event.cookie)
+            data = event.data
+            return [_OFFSET_DATA_HEADER.pack(STRUCTURED_REPLY_MAGIC, _DONE if event.done else 0, _OFFSET_DATA,
+                                             event.cookie, len(data) + _OFFSET.size, event.offset), data]
+        if kind is SimpleReply:
             if not self.extended:
                 return self._simple(event, command, length)
             if event.data:   # proto.md: "a simple reply MUST NOT be used"; its data needs OffsetData
@@ -67,20 +87,25 @@ class ReplyEncoder:
         return [header, *parts]
 
     def _simple(self, event: SimpleReply, command: int, length: int) -> list:
-        if self.structured and command == Command.READ:
+        if self.structured and command == _READ:
             raise LocalProtocolError("NBD_CMD_READ needs a structured reply")   # proto.md: MUST NOT
-        if event.data and (command != Command.READ or event.error):
+        if event.data and (command != _READ or event.error):
             raise LocalProtocolError("only a successful NBD_CMD_READ carries data")
-        if command == Command.READ and not event.error and len(event.data) != length:
+        if command == _READ and not event.error and len(event.data) != length:
             raise LocalProtocolError(f"read reply of {len(event.data)} bytes for {length} requested")
         self._finish(event.cookie)
         header = _SIMPLE.pack(SIMPLE_REPLY_MAGIC, event.error, event.cookie)
         return [header, event.data] if event.data else [header]
 
 
-def _offset_data(event: OffsetData, command, extended):
-    if command != Command.READ or not event.data:
+def _check_offset_data(event: OffsetData, command) -> None:
+    if command != _READ or not event.data:
         raise LocalProtocolError("OFFSET_DATA needs a READ and at least one byte")
+
+
+def _offset_data(event: OffsetData, command, extended):
+    """NBD_REPLY_TYPE_OFFSET_DATA (encode_parts packs the compact header's case itself)."""
+    _check_offset_data(event, command)
     return ChunkType.OFFSET_DATA, [_OFFSET.pack(event.offset), event.data], event.done
 
 

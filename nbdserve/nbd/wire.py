@@ -131,6 +131,7 @@ EXTENDED_REQUEST_HEADER = _checked(">IHHQQQ", ExtendedRequestHeader)   # 32 byte
 EXTENDED_REPLY_HEADER = _checked(">IHHQQQ", ExtendedReplyHeader)       # 32 bytes
 SIMPLE_REPLY_HEADER = _checked(">IIQ", SimpleReplyHeader)      # 16 bytes
 CHUNK_HEADER = _checked(">IHHQI", ChunkHeader)                 # 20 bytes
+OFFSET_DATA_HEADER = _checked(">IHHQIQ", Struct("chunk" / ChunkHeader, "prefix" / OffsetDataPrefix))   # 28 bytes
 OPTION_REQUEST_HEADER = _checked(">QII", OptionRequestHeader)  # 16 bytes
 OFFSET_DATA_PREFIX = _checked(">Q", OffsetDataPrefix)
 DESCRIPTOR = _checked(">II", BlockStatusDescriptor)

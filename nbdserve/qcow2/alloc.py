@@ -20,6 +20,8 @@ from .mapping import EXTL2_ALL_ALLOCATED
 from .refcount import CorruptRefcounts
 
 THREADED_WRITE = 2 << 20   # data writes this large run in a worker thread; smaller ones at once, as reads do
+# qcow2.txt "L2 entries": the flags of a cluster written in place, as they must be: COPIED, not compressed, not zero
+_IN_PLACE_FLAGS = fmt.QCOW_OFLAG_COPIED | fmt.QCOW_OFLAG_COMPRESSED | fmt.QCOW_OFLAG_ZERO
 
 
 @dataclass(eq=False)
@@ -110,13 +112,24 @@ class ClusterAllocation:
         else allocate at once where that cannot wait (_allocate_now).
         Only when no request holds the lock and no blkdebug event is armed, so the
         allocator's interleavings are exactly those of pwrite()."""
+        length = len(data)
         if (self.events.armed or self.lock.locked() or self.read_only or self.corrupt
-                or len(data) >= THREADED_WRITE):
+                or length >= THREADED_WRITE):
             return False
-        check_range(self.size, offset, len(data))
+        check_range(self.size, offset, length)
         cmask = self.cluster_size - 1
+        if (offset & cmask) + length <= self.cluster_size and not self.extended_l2:
+            # inside one cluster, the common small write: one L2 entry to test
+            l1_index = offset >> self.l1_shift
+            if l1_index < len(self.l1) and self.l1[l1_index] & fmt.QCOW_OFLAG_COPIED:
+                table = self._l2_table_for(l1_index)
+                entry = table[(offset >> self.cluster_bits) & (self.l2_entries - 1)] if table is not None else 0
+                if entry & _IN_PLACE_FLAGS == fmt.QCOW_OFLAG_COPIED and entry & fmt.L2E_OFFSET_MASK:
+                    self._write_in_place(offset, data, [((entry & fmt.L2E_OFFSET_MASK) + (offset & cmask), 0, length)])
+                    return True
+            return self._allocate_now(offset, data)
         runs: list[list[int]] = []   # [host, start in data, length]
-        pos, end = offset, offset + len(data)
+        pos, end = offset, offset + length
         while pos < end:
             l1_index = pos >> self.l1_shift
             if l1_index >= len(self.l1) or not self.l1[l1_index] & fmt.QCOW_OFLAG_COPIED:
@@ -134,14 +147,18 @@ class ClusterAllocation:
             else:
                 runs.append([host, pos - offset, n])
             pos += n
-        mv = memoryview(data).cast("B")
-        self.bitmaps.mark(offset, len(mv))
+        self._write_in_place(offset, data, runs)
+        return True
+
+    def _write_in_place(self, offset: int, data, runs) -> None:
+        """Write ``data`` at guest ``offset`` into kept clusters: (host, start in data, length) runs."""
+        self.bitmaps.mark(offset, len(data))
         self.events.fire_sync("write_aio")
+        mv = data if len(runs) == 1 else memoryview(data).cast("B")
         for host, start, n in runs:
-            pwrite_all(self.fd, mv[start:start + n], host)
+            pwrite_all(self.fd, mv[start:start + n] if len(runs) > 1 else mv, host)
             if self.trace is not None:
                 self.trace.write(offset + start, host, n)
-        return True
 
     def _allocate_now(self, offset: int, data) -> bool:
         """Run pwrite() to its end here when it cannot suspend: ``fixed`` (the qemu-1.1.2

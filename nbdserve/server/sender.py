@@ -31,6 +31,7 @@ class ReplySender:
             self._socket = socket.socket(fileno=os.dup(stream.socket.fileno()))
             self._socket.setblocking(False)
         self._queue: list = []
+        self._queued_slices = False         # a FileSlice is in _queue
         self.queued = 0                     # bytes queued and not yet handed to the kernel
         self._sending = False
         self._drained = trio.Event()        # set (and replaced) after each send
@@ -45,6 +46,8 @@ class ReplySender:
         """Add one reply (its buffers, in order); it leaves with the next send()."""
         self._queue.extend(parts)
         self.queued += sum(map(len, parts))
+        if type(parts[-1]) is FileSlice:   # a read's data, after its header
+            self._queued_slices = True
 
     async def send(self) -> None:
         """Send what is queued.  If another task is already sending, it takes our replies
@@ -63,8 +66,12 @@ class ReplySender:
                 # requests finishing in this scheduler batch add their replies to this send
                 await trio.lowlevel.checkpoint()
             while self._queue:
-                batch, self._queue = self._queue, []
-                await self._send_batch(batch)
+                batch, slices = self._queue, self._queued_slices
+                self._queue, self._queued_slices = [], False
+                if not slices and len(batch) <= IOV_MAX and self._socket is not None:
+                    batch = self._send_at_once(batch)
+                if batch:
+                    await self._send_batch(batch)
                 self._wake()
         except trio.Cancelled:
             if self._socket is None:   # send_all cancelled midway leaves the stream unusable
@@ -85,6 +92,25 @@ class ReplySender:
     def _wake(self) -> None:
         self._drained.set()
         self._drained = trio.Event()
+
+    def _send_at_once(self, batch: list) -> list:
+        """One sendmsg(2) of a batch of buffers (no FileSlice), the usual case: what the
+        kernel did not take, for _send_batch."""
+        total = self.queued   # the batch is all that was queued
+        try:
+            sent = self._socket.sendmsg(batch)
+        except BlockingIOError:
+            return batch
+        except OSError as exc:   # as trio.SocketStream.send_all reports a lost peer
+            raise trio.BrokenResourceError(f"socket send failed: {exc}") from exc
+        self.queued -= sent
+        if sent == total:
+            return []
+        rest = [memoryview(b).cast("B") for b in batch]
+        while sent >= len(rest[0]):
+            sent -= len(rest.pop(0))
+        rest[0] = rest[0][sent:]
+        return rest
 
     async def _send_batch(self, batch: list) -> None:
         if self._socket is None:
@@ -116,6 +142,7 @@ class ReplySender:
                         sent = 0
         except trio.Cancelled:
             self._queue[:0] = items[first:]   # unsent, in order, ahead of what came since
+            self._queued_slices = True        # perhaps: the next send takes the general path
             raise
 
     def _send_some(self, items: list, first: int) -> int:
