@@ -4,6 +4,7 @@ commands, free ports and the images (bench/README.md)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -31,6 +32,7 @@ class Workload:
     conns: int = 1        # fio --numjobs (one connection each); nbdcopy --connections
     client: str = "fio"   # fio or nbdcopy
     tls: bool = False     # x509 TLS (nbds://)
+    min_repeat: int = 1   # runs per server at least, whatever --repeat says (a short, noisy row)
 
     @property
     def writable(self) -> bool:
@@ -59,8 +61,10 @@ WORKLOADS = [
     # nbdcopy's defaults (256 KiB requests, 64 in flight per connection), 4 connections
     Workload("nbdcopy 4 conn export->null", "nbdcopy", "alloc", "MiB/s", 1.0, "read", "256k", 64, 4,
              client="nbdcopy"),
+    # one copy of 1 GiB into a fresh image takes 1-2 s, mostly the file system's allocation
+    # of new blocks, which varies from copy to copy on either server (0.5-1.2 GiB/s): 5 runs each
     Workload("nbdcopy 4 conn file->export", "nbdcopy", "fresh", "MiB/s", 1.0, "write", "256k", 64, 4,
-             client="nbdcopy"),
+             client="nbdcopy", min_repeat=5),
     # fio's nbd engine cannot be given a TLS certificates folder, nbdcopy can: 1 MiB
     # reads, 8 in flight, one connection, like "seq read 1M QD8"
     Workload("tls nbdcopy read 1M QD8", "tls", "alloc", "MiB/s", 1.0, "read", "1m", 8, client="nbdcopy",
@@ -135,3 +139,5 @@ def make_pattern_file(path: Path, size: int = GiB) -> None:
     with open(path, "wb") as f:
         for _ in range(size // len(block)):
             f.write(block)
+        f.flush()
+        os.fsync(f.fileno())   # its writeback must not run into the timed copies
