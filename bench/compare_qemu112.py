@@ -5,7 +5,8 @@ For each random sequential qemu-io script: an image made by qemu-img 1.1.2 (empt
 qcow2 backing file, or holding compressed clusters from ``convert -c``) is copied twice; qemu-io 1.1.2 runs the script on one copy
 as a file, the installed qemu-io runs it over NBD against ``nbdserve serve --allocator
 MODE`` on the other; then the guest bytes (``qemu-img convert``) and the guest-to-host
-map (``qemu-img map --output=json``, offsets included) of the two must be equal.
+map (``qemu-img map --output=json``, offsets included) of the two must be equal, and
+neither qemu-io may report a failed command.
 
 qemu 1.1.2 is not part of this project: build ``qemu-img`` and ``qemu-io`` from the
 qemu-kvm-1.1.2 tag yourself (issue 12 says how) and pass their folder, e.g.
@@ -145,19 +146,24 @@ def compare_one(args, rnd: random.Random, tmp: str, index: int) -> tuple[str, li
     shutil.copy(os.path.join(d, "img.qcow2"), a)
     shutil.copy(os.path.join(d, "img.qcow2"), b)
     cmds = random_script(rnd, cs, rnd.randint(4, args.max_commands))
-    subprocess.run([q112_io, *qemu_io_args(cmds), a], capture_output=True, text=True, check=True)
-    serve_and_run(args.nbdserve, b, args.allocator, cmds, args.qemu_io)
+    done_a = subprocess.run([q112_io, *qemu_io_args(cmds), a], capture_output=True, text=True, check=True)
+    out_b = serve_and_run(args.nbdserve, b, args.allocator, cmds, args.qemu_io)
+    # a command that failed on both sides would leave equal images: every command must succeed
+    failures = [f"{side}: {line}" for side, out in (("1.1.2", done_a.stdout + done_a.stderr), ("nbdserve", out_b))
+                for line in out.splitlines() if "failed" in line]
     same_bytes = guest_md5(args.qemu_img, a, d) == guest_md5(args.qemu_img, b, d)
     map_a, map_b = host_map(args.qemu_img, a), host_map(args.qemu_img, b)
     same_map = map_a == map_b
     check = subprocess.run([args.qemu_img, "check", b], capture_output=True, text=True)
     check_a = subprocess.run([args.qemu_img, "check", a], capture_output=True, text=True)
-    ok = same_bytes and same_map and check.returncode == check_a.returncode
+    ok = same_bytes and same_map and check.returncode == check_a.returncode and not failures
     if not ok:
         print(f"MISMATCH #{index} {shape}: bytes {'same' if same_bytes else 'DIFFER'}, "
               f"map {'same' if same_map else 'DIFFERS'}, qemu-img check 1.1.2 copy {check_a.returncode} "
               f"nbdserve copy {check.returncode}", flush=True)
         print("   script: " + "; ".join(cmds), flush=True)
+        for line in failures[:4]:
+            print(f"   qemu-io {line}", flush=True)
         if not same_map:
             diff = [(x, y) for x, y in zip(map_a, map_b) if x != y][:3]
             print(f"   first map differences (1.1.2, nbdserve): {diff}", flush=True)
