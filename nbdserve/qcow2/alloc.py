@@ -154,9 +154,9 @@ class ClusterAllocation:
         """Write ``data`` at guest ``offset`` into kept clusters: (host, start in data, length) runs."""
         self.bitmaps.mark(offset, len(data))
         self.events.fire_sync("write_aio")
-        mv = data if len(runs) == 1 else memoryview(data).cast("B")
+        mv = memoryview(data).cast("B") if len(runs) > 1 else None   # one run is all of the data
         for host, start, n in runs:
-            pwrite_all(self.fd, mv[start:start + n] if len(runs) > 1 else mv, host)
+            pwrite_all(self.fd, data if mv is None else mv[start:start + n], host)
             if self.trace is not None:
                 self.trace.write(offset + start, host, n)
 
