@@ -37,7 +37,8 @@ def pwrite_all(fd: int, data, offset: int) -> None:
     mv = data if type(data) is bytes or type(data) is bytearray else memoryview(data).cast("B")
     done = 0
     while done < len(mv):
-        n = os.pwrite(fd, mv[done:] if done else mv, offset + done)   # one call, but on a full disk
+        # the buffer as it is; a slice only after a short write (a file system filling up)
+        n = os.pwrite(fd, mv[done:] if done else mv, offset + done)
         if n == 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         for observer in observers:

@@ -16,12 +16,10 @@ import trio
 from ..blockdev import check_range
 from ..blockdev.fileio import pwrite_all, zero_allocated
 from . import format as fmt
-from .mapping import EXTL2_ALL_ALLOCATED
+from .mapping import EXTL2_ALL_ALLOCATED, IN_PLACE_FLAGS
 from .refcount import CorruptRefcounts
 
 THREADED_WRITE = 2 << 20   # data writes this large run in a worker thread; smaller ones at once, as reads do
-# qcow2.txt "L2 entries": the flags of a cluster written in place, as they must be: COPIED, not compressed, not zero
-_IN_PLACE_FLAGS = fmt.QCOW_OFLAG_COPIED | fmt.QCOW_OFLAG_COMPRESSED | fmt.QCOW_OFLAG_ZERO
 
 
 @dataclass(eq=False)
@@ -119,12 +117,12 @@ class ClusterAllocation:
         check_range(self.size, offset, length)
         cmask = self.cluster_size - 1
         if (offset & cmask) + length <= self.cluster_size and not self.extended_l2:
-            # inside one cluster, the common small write: one L2 entry to test
+            # inside one cluster, the common small write: one L2 entry to test (_keepable, inline)
             l1_index = offset >> self.l1_shift
             if l1_index < len(self.l1) and self.l1[l1_index] & fmt.QCOW_OFLAG_COPIED:
                 table = self._l2_table_for(l1_index)
                 entry = table[(offset >> self.cluster_bits) & (self.l2_entries - 1)] if table is not None else 0
-                if entry & _IN_PLACE_FLAGS == fmt.QCOW_OFLAG_COPIED and entry & fmt.L2E_OFFSET_MASK:
+                if entry & IN_PLACE_FLAGS == fmt.QCOW_OFLAG_COPIED and entry & fmt.L2E_OFFSET_MASK:
                     self._write_in_place(offset, data, [((entry & fmt.L2E_OFFSET_MASK) + (offset & cmask), 0, length)])
                     return True
             return self._allocate_now(offset, data)
@@ -316,8 +314,8 @@ class ClusterAllocation:
         before the data goes in.  Fresh clusters read as zeros already and their COW zeros
         are not written (_copy): this allocates the file's blocks in one call, so the small
         writes landing in the cluster later find them allocated, not holes the file system
-        fills one write at a time (4 KiB random writes on ext4 here: 3 us a write against
-        5-11 us).  Where the file system can do neither, the clusters stay holes."""
+        fills one write at a time (a 4 KiB pwrite on ext4 here: 2.7 us against 4.5-11 us
+        into a hole).  Where the file system can do neither, the clusters stay holes."""
         cs = self.cluster_size
         start = m.offset & ~(cs - 1)
         tail = m.nb_available

@@ -35,6 +35,9 @@ class MappedRun(NamedTuple):
     host: int
 EXTL2_ALL_ALLOCATED = fmt.SUBCLUSTER_ALLOC_MASK
 EXTL2_ALL_ZERO = fmt.SUBCLUSTER_ZERO_MASK
+# _keepable() of a standard L2 entry with a host offset, as one mask test (qcow2.txt "L2
+# entries": COPIED, not compressed, not zero): entry & IN_PLACE_FLAGS == QCOW_OFLAG_COPIED
+IN_PLACE_FLAGS = fmt.QCOW_OFLAG_COPIED | fmt.QCOW_OFLAG_COMPRESSED | fmt.QCOW_OFLAG_ZERO
 
 
 class ClusterMapping:
